@@ -1,0 +1,153 @@
+"""The `token-reset` command line: listen, migrate, reset, status, demo.
+
+Configuration comes from the environment (see listener.config); flags override it.
+Each subcommand's work lives in its own module as ``async def command(settings, args)``;
+this module only parses, sets up logging, owns the optional embedded server, and turns
+configuration errors into one clear line and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import os
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import cast
+
+import anyio
+
+from listener import __version__
+from listener.config import ConfigError, Settings
+from listener.embedded import DEFAULT_DATA_DIR, EmbeddedPostgresError, embedded_postgres
+from listener.logs import configure_logging
+
+CommandFn = Callable[[Settings, argparse.Namespace], Awaitable[int]]
+
+# subcommand -> module holding its `command` coroutine
+_COMMANDS = {
+    "listen": "listener.service",
+    "migrate": "listener.migrate_command",
+    "reset": "listener.bulk_command",
+    "status": "listener.status",
+    "demo": "listener.demo",
+}
+# Commands that refuse to run without a configured database (no silent fallback).
+_NEEDS_DATABASE = {"listen", "migrate", "reset", "status"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All subcommands and their flags."""
+    parser = argparse.ArgumentParser(
+        prog="token-reset",
+        description="Monthly token allowances that reset for every user, with alerts.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, *, embedded: bool = True) -> None:
+        p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL / PG*)")
+        p.add_argument("--log-format", choices=["json", "console"], help="default: $LOG_FORMAT")
+        p.add_argument("--log-level", help="default: $LOG_LEVEL or INFO")
+        if embedded:
+            p.add_argument(
+                "--embedded",
+                action="store_true",
+                help="start a local PostgreSQL this command owns (pip package pgserver)",
+            )
+            p.add_argument(
+                "--data-dir",
+                type=Path,
+                default=DEFAULT_DATA_DIR,
+                help=f"embedded server's data directory (default {DEFAULT_DATA_DIR})",
+            )
+
+    listen = sub.add_parser(
+        "listen", help="run the service: notifications -> logs, metrics, alerts"
+    )
+    common(listen)
+    listen.add_argument("--http-host", help="default: $HTTP_HOST or 127.0.0.1")
+    listen.add_argument("--http-port", type=int, help="default: $HTTP_PORT or 8080")
+    listen.add_argument("--no-schedule", action="store_true", help="turn the built-in schedule off")
+
+    migrate = sub.add_parser("migrate", help="apply sql/ migrations (idempotent, concurrency-safe)")
+    common(migrate)
+    migrate.add_argument("--target", type=int, help="stop at this migration version")
+
+    reset = sub.add_parser("reset", help="run the bulk backup reset now (for cron)")
+    common(reset)
+    reset.add_argument("--batch-size", type=int, help="rows per transaction (default 10000)")
+
+    status = sub.add_parser("status", help="who still needs a reset, last runs")
+    common(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    demo = sub.add_parser("demo", help="embedded Postgres + listener + a simulated month rollover")
+    common(demo, embedded=False)
+    demo.add_argument("--data-dir", type=Path, default=Path(".token-reset") / "demo-pgdata")
+    demo.add_argument("--http-port", type=int, help="default: a free port")
+    demo.add_argument("--users", type=int, default=300, help="users to create (default 300)")
+    demo.add_argument("--once", action="store_true", help="exit 0 after the summary")
+    return parser
+
+
+def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
+    """Environment first, then flags."""
+    settings = Settings.from_env(os.environ if env is None else env)
+    return settings.with_overrides(
+        database_url=getattr(args, "database_url", None),
+        log_format=getattr(args, "log_format", None),
+        log_level=(getattr(args, "log_level", None) or "").upper() or None,
+        http_host=getattr(args, "http_host", None),
+        http_port=getattr(args, "http_port", None),
+        reset_schedule="off" if getattr(args, "no_schedule", False) else None,
+        bulk_batch_size=getattr(args, "batch_size", None),
+    )
+
+
+@contextlib.contextmanager
+def _maybe_embedded(args: argparse.Namespace, settings: Settings) -> Iterator[Settings]:
+    if not getattr(args, "embedded", False):
+        yield settings
+        return
+    with embedded_postgres(args.data_dir) as server:
+        print(
+            f"token-reset: embedded PostgreSQL at {server.dsn} (data: {args.data_dir})",
+            file=sys.stderr,
+        )
+        yield settings.with_overrides(database_url=server.dsn)
+
+
+def _check_port(port: int) -> None:
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--http-port must be between 0 and 65535, got {port}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+        # Re-validate flag overrides through the same rules as the environment.
+        Settings.from_env({"LOG_LEVEL": settings.log_level, "LOG_FORMAT": settings.log_format})
+        _check_port(settings.http_port)
+        if args.command in _NEEDS_DATABASE and not getattr(args, "embedded", False):
+            settings.require_database()
+        if args.command == "listen":
+            settings.validate_cron_secret()
+    except ConfigError as exc:
+        print(f"token-reset: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_format, settings.log_level)
+    module = importlib.import_module(_COMMANDS[args.command])
+    command = cast(CommandFn, module.command)
+    try:
+        with _maybe_embedded(args, settings) as effective:
+            return anyio.run(command, effective, args)
+    except (ConfigError, EmbeddedPostgresError) as exc:
+        print(f"token-reset: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

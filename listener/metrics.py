@@ -1,0 +1,128 @@
+"""Prometheus metrics, on a registry the caller owns (tests build their own).
+
+No user id ever becomes a label: labels are small closed sets (source, outcome).
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+ResetSource = Literal["trigger", "bulk", "function"]
+NotificationOutcome = Literal["ok", "malformed", "probe", "overflow"]
+BulkOutcome = Literal["success", "failure", "skipped"]
+
+RESET_SOURCES: Final = ("trigger", "bulk", "function")
+NOTIFICATION_OUTCOMES: Final = ("ok", "malformed", "probe", "overflow")
+BULK_OUTCOMES: Final = ("success", "failure", "skipped")
+# Commit-to-metric lag: sub-millisecond when healthy, minutes after an outage.
+LAG_BUCKETS: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    3600.0,
+)
+
+
+class Metrics:
+    """Every metric the service exports (names are DESIGN.md section 4's contract)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.users_reset = Counter(
+            "token_reset_users_total",
+            "Users whose monthly usage was reset, by the path that reset them "
+            "(one per ledger reset row, counted once).",
+            ["source"],
+            registry=registry,
+        )
+        self.last_reset_timestamp = Gauge(
+            "token_reset_last_reset_timestamp_seconds",
+            "Ledger time of the newest monthly reset (from the database).",
+            registry=registry,
+        )
+        self.month_resets = Gauge(
+            "token_reset_month_resets",
+            "Resets recorded in the ledger for the current period (from the database).",
+            registry=registry,
+        )
+        self.stale_users = Gauge(
+            "token_reset_stale_users",
+            "Users still carrying a previous period's usage (from the database).",
+            registry=registry,
+        )
+        self.missed_month = Gauge(
+            "token_reset_missed_month",
+            "1 when, past the grace period, the monthly reset has not happened.",
+            registry=registry,
+        )
+        self.notifications = Counter(
+            "token_reset_notifications_total",
+            "NOTIFY payloads received on token_resets, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.listener_connected = Gauge(
+            "token_reset_listener_connected",
+            "1 while the LISTEN connection is up and its probe answers.",
+            registry=registry,
+        )
+        self.reconnects = Counter(
+            "token_reset_reconnects_total",
+            "Times the listener connection was re-established after a loss.",
+            registry=registry,
+        )
+        self.event_lag = Histogram(
+            "token_reset_event_lag_seconds",
+            "Time from a reset's ledger row to the listener processing it.",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.bulk_runs = Counter(
+            "token_reset_bulk_runs_total",
+            "Bulk backup reset runs, by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        self.bulk_last_success = Gauge(
+            "token_reset_bulk_last_success_timestamp_seconds",
+            "Unix time of the last bulk backup run that succeeded.",
+            registry=registry,
+        )
+        # Pre-create label sets so every series exists (at 0) from the first scrape:
+        # rate() and absent() then behave, and dashboards show zeros, not gaps.
+        for source in RESET_SOURCES:
+            self.users_reset.labels(source=source)
+        for outcome in NOTIFICATION_OUTCOMES:
+            self.notifications.labels(outcome=outcome)
+        for bulk_outcome in BULK_OUTCOMES:
+            self.bulk_runs.labels(outcome=bulk_outcome)
+
+    @classmethod
+    def fresh(cls) -> Metrics:
+        """Metrics on a new private registry."""
+        return cls(CollectorRegistry(auto_describe=True))
+
+
+def metric_names() -> frozenset[str]:
+    """The exported family names, for tests that check dashboards and rules against them."""
+    metrics = Metrics.fresh()
+    return frozenset(
+        family.name if family.type != "counter" else family.name + "_total"
+        for family in metrics.registry.collect()
+    )

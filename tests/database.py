@@ -1,0 +1,105 @@
+"""Where the tests' PostgreSQL comes from, and per-test databases cloned from a template.
+
+TEST_DATABASE_URL (a superuser URL of any database on the server) wins; otherwise the
+suite starts an embedded server of its own.  Nothing here ever skips: no database is a
+failure with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+import asyncpg
+
+from listener.embedded import EmbeddedPostgres
+from listener.migrate import apply_migrations
+
+# Durability is not what these tests measure; turning it off makes the suite faster.
+TEST_SERVER_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "max_connections": "200",
+}
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL pointing at another database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+@dataclass
+class TestServer:
+    """A server the suite may create and drop databases on."""
+
+    __test__ = False  # not a test class, despite the name
+    admin_url: str
+    embedded: EmbeddedPostgres | None = None
+
+    async def admin(self) -> asyncpg.Connection:
+        """A connection to the maintenance database."""
+        conn: asyncpg.Connection = await asyncpg.connect(self.admin_url)
+        return conn
+
+    async def create_database(self, name: str, template: str | None = None) -> str:
+        """Create a database (optionally cloned) and return its URL."""
+        conn = await self.admin()
+        try:
+            clause = f" TEMPLATE {template}" if template else ""
+            await conn.execute(f"CREATE DATABASE {name}{clause}")
+        finally:
+            await conn.close()
+        return with_database(self.admin_url, name)
+
+    async def drop_database(self, name: str) -> None:
+        """Drop a database even if something still holds a connection to it."""
+        conn = await self.admin()
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+
+@contextmanager
+def test_server(tmp_dir: Path) -> Iterator[TestServer]:
+    """TEST_DATABASE_URL's server, or an embedded one under tmp_dir for the session."""
+    url = os.environ.get("TEST_DATABASE_URL", "").strip()
+    if url:
+        yield TestServer(admin_url=url)
+        return
+    server = EmbeddedPostgres(data_dir=tmp_dir / "pgdata", settings=TEST_SERVER_SETTINGS)
+    server.start()
+    try:
+        yield TestServer(admin_url=server.dsn, embedded=server)
+    finally:
+        server.destroy()
+
+
+def unique_name(prefix: str) -> str:
+    """A database name no other test (or concurrent test run) uses."""
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+async def make_migrated_template(server: TestServer) -> str:
+    """Create and migrate a template database; returns its name."""
+    name = unique_name("tr_template")
+    url = await server.create_database(name)
+    conn = await asyncpg.connect(url)
+    try:
+        await apply_migrations(conn)
+    finally:
+        await conn.close()
+    return name
+
+
+def run_sync(coro_fn, *args):  # type: ignore[no-untyped-def]
+    """Run a coroutine function from synchronous fixture code."""
+    return anyio.run(coro_fn, *args)
