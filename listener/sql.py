@@ -55,7 +55,8 @@ def migrations() -> tuple[Migration, ...]:
     found.sort(key=lambda m: m.version)
     expected = list(range(1, len(found) + 1))
     if [m.version for m in found] != expected:
-        raise RuntimeError(f"migrations must be numbered 1..n without gaps, got {found!r}")
+        names = [f"{m.version:04d}_{m.name}" for m in found]
+        raise RuntimeError(f"migrations must be numbered 1..n without gaps, got {names}")
     return tuple(found)
 
 

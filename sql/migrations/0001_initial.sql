@@ -62,7 +62,7 @@ CREATE TABLE public.token_transactions (
     CONSTRAINT token_transactions_amount_non_negative CHECK (amount >= 0),
     CONSTRAINT token_transactions_reset_has_period CHECK (
         operation <> 'reset'
-        OR (metadata ->> 'period') ~ '^[0-9]{4}-(0[1-9]|1[0-2])$'
+        OR coalesce(metadata ->> 'period', '') ~ '^[0-9]{4}-(0[1-9]|1[0-2])$'
     )
 );
 
@@ -168,8 +168,12 @@ CREATE TRIGGER token_transactions_no_truncate
 -- ---------------------------------------------------------------- notify ---
 -- One doorbell per INSERT statement that wrote reset rows: the id range and
 -- the count, never the rows themselves.  The listener reads the ledger; the
--- payload only says "look".  With notify_per_write off, only bulk batches ring
--- (each bulk batch is one statement), and the listener's timer finds the rest.
+-- payload only says "look".  Resets written by the row trigger on user_tokens
+-- (one INSERT per row, at trigger depth > 1) ring once per transaction
+-- instead: their payload names the transaction's first such id and is the same
+-- for every row, and PostgreSQL delivers identical payloads of one transaction
+-- once.  With notify_per_write off, only bulk batches ring, and the listener's
+-- timer finds the rest.
 CREATE FUNCTION public.token_reset_notify_batch() RETURNS trigger
     LANGUAGE plpgsql
     SET search_path = pg_catalog, public, pg_temp
@@ -179,6 +183,7 @@ DECLARE
     v_last bigint;
     v_count integer;
     v_bulk boolean;
+    v_txn_first text;
 BEGIN
     SELECT min(id), max(id), count(*), bool_or(metadata ->> 'source' = 'bulk')
       INTO v_first, v_last, v_count, v_bulk
@@ -188,6 +193,17 @@ BEGIN
         RETURN NULL;
     END IF;
     IF NOT v_bulk AND NOT (SELECT notify_per_write FROM public.token_reset_settings) THEN
+        RETURN NULL;
+    END IF;
+    IF pg_catalog.pg_trigger_depth() > 1 THEN
+        v_txn_first := pg_catalog.current_setting('token_reset.txn_first_id', true);
+        IF coalesce(v_txn_first, '') = '' THEN
+            v_txn_first := v_first::text;
+            PERFORM pg_catalog.set_config('token_reset.txn_first_id', v_txn_first, true);
+        END IF;
+        PERFORM pg_catalog.pg_notify('token_resets', pg_catalog.json_build_object(
+            'v', 1, 'first_id', v_txn_first::bigint, 'last_id', v_txn_first::bigint,
+            'count', 1, 'coalesced', true)::text);
         RETURN NULL;
     END IF;
     PERFORM pg_catalog.pg_notify('token_resets', pg_catalog.json_build_object(
@@ -217,7 +233,7 @@ BEGIN
       FROM public.user_tokens
      WHERE user_id = p_user_id
        AND last_monthly_reset < public.token_reset_period_start()
-       FOR UPDATE;
+       FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RETURN NULL;
     END IF;
@@ -388,7 +404,7 @@ BEGIN
     END IF;
     -- Reset first (locks the row when stale), then lock and read.
     v_cleared := public.token_reset_one_user(p_user_id, 'function');
-    SELECT * INTO v_row FROM public.user_tokens WHERE user_id = p_user_id FOR UPDATE;
+    SELECT * INTO v_row FROM public.user_tokens WHERE user_id = p_user_id FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'unknown user: %', p_user_id USING ERRCODE = 'no_data_found';
     END IF;
@@ -459,7 +475,7 @@ BEGIN
            AND (last_key IS NULL OR u.user_id <= last_key)
            AND u.last_monthly_reset < v_period_start
            AND u.monthly_tokens_used > 0
-           FOR UPDATE SKIP LOCKED
+           FOR NO KEY UPDATE SKIP LOCKED
     ), cleared AS (
         UPDATE public.user_tokens u
            SET monthly_tokens_used = 0, last_monthly_reset = now(), updated_at = now()
@@ -481,7 +497,9 @@ END
 $$;
 
 -- The final pass: waits for row locks the batches skipped.  It scans the
--- table once; after the batches it finds almost nothing to do.
+-- table once; after the batches it finds almost nothing to do.  Final passes
+-- (and whole one-transaction bulk runs) take a transaction advisory lock
+-- first: two of them each holding rows the other waits for would deadlock.
 CREATE FUNCTION public.token_reset_bulk_final_pass(p_source text DEFAULT 'bulk')
 RETURNS integer
     LANGUAGE plpgsql
@@ -493,11 +511,12 @@ DECLARE
     v_period_start timestamptz := public.token_reset_period_start();
     v_period text := public.token_reset_period_label(now());
 BEGIN
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('token_reset.bulk_final_pass'));
     WITH candidates AS (
         SELECT u.user_id, u.monthly_tokens_used AS previous_used
           FROM public.user_tokens u
          WHERE u.last_monthly_reset < v_period_start AND u.monthly_tokens_used > 0
-           FOR UPDATE
+           FOR NO KEY UPDATE
     ), cleared AS (
         UPDATE public.user_tokens u
            SET monthly_tokens_used = 0, last_monthly_reset = now(), updated_at = now()
@@ -535,6 +554,8 @@ DECLARE
     v_batch record;
     v_final integer;
 BEGIN
+    -- Concurrent one-transaction runs queue here; the second then resets 0.
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('token_reset.bulk_final_pass'));
     LOOP
         SELECT * INTO v_batch FROM public.token_reset_bulk_batch(v_after, p_batch_size, p_source);
         v_batches := v_batches + 1;
