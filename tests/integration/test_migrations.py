@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Everything a migration can create, rendered as comparable text.
 CATALOG = """
-SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' ' || coalesce(array_to_string(c.reloptions, ','), '')
+SELECT 'relation ' || c.relname || ' ' || c.relkind::text || ' '
+       || coalesce(array_to_string(c.reloptions, ','), '')
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = 'public'
 UNION ALL
