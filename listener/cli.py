@@ -140,7 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"token-reset: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_format, settings.log_level)
+    # One-shot commands print their result on stdout; their logs go to stderr so a
+    # script can parse the result.  The service and the demo log to stdout.
+    log_stream = sys.stdout if args.command in ("listen", "demo") else sys.stderr
+    configure_logging(settings.log_format, settings.log_level, stream=log_stream)
     module = importlib.import_module(_COMMANDS[args.command])
     command = cast(CommandFn, module.command)
     try:

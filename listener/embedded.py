@@ -92,6 +92,10 @@ class EmbeddedPostgres:
     settings: Mapping[str, str] = field(default_factory=dict)
     bindir: Path = field(default_factory=find_bindir)
 
+    def __post_init__(self) -> None:
+        # The server tools run with cwd "/" (the server user may not read ours).
+        self.data_dir = self.data_dir.resolve()
+
     @property
     def dsn(self) -> str:
         """Connection URL of the maintenance database."""
