@@ -1,0 +1,333 @@
+"""The bulk backup reset, shared by the endpoint, the CLI and the built-in schedule.
+
+One run at a time across every process and replica: a session-level advisory lock on
+the run's own connection (never the LISTEN connection).  A caller that finds the lock
+taken returns at once with outcome "skipped" and the running run's id.  Each batch is
+its own transaction (bounded row locks, one NOTIFY per batch) and records its progress
+in the run's row in that same transaction, so a failure loses nothing: committed
+batches stay whole and a rerun finishes the job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal
+from uuid import UUID, uuid4
+
+import anyio
+import asyncpg
+import structlog
+
+from listener.config import Settings
+from listener.database import connect
+from listener.metrics import Metrics
+from listener.sql import query
+
+RunSource = Literal["endpoint", "cli", "schedule"]
+SkipReason = Literal["already_running", "slot_done"]
+# Bounds how long a caller waits on an unreachable database before it gets an error.
+CONNECT_TIMEOUT_SECONDS = 10.0
+# Recording a failure (a few ms normally) must not stretch a bounded shutdown much.
+CLEANUP_TIMEOUT_SECONDS = 2.0
+# The final pass waits for rows a writer holds; a writer that never lets go fails the
+# run (recorded, retried) instead of holding the bulk lock forever.  The writer's own
+# update resets its row through the trigger anyway.
+LOCK_TIMEOUT = "60s"
+_MAX_ERROR_CHARS = 300
+
+log = structlog.get_logger("listener.bulk")
+
+
+class BulkResetError(RuntimeError):
+    """A bulk run failed; batches committed before the failure stay, a rerun finishes."""
+
+    def __init__(self, message: str, *, run_id: UUID, reset_count: int, batches: int) -> None:
+        super().__init__(message)
+        self.run_id = run_id
+        self.reset_count = reset_count
+        self.batches = batches
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """Handed to the progress callback after every committed batch."""
+
+    run_id: UUID
+    batches: int
+    reset_count: int
+    elapsed_ms: int
+
+
+ProgressCallback = Callable[[BatchProgress], None]
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """What one run did (or, when skipped, what it found)."""
+
+    run_id: UUID
+    source: RunSource
+    outcome: Literal["success", "skipped"]
+    reset_count: int
+    batches: int
+    duration_ms: int
+    reset_date: str
+    period: str
+    skip_reason: SkipReason | None = None
+    # The run holding the lock (already_running) or the one that served the slot.
+    other_run_id: UUID | None = None
+    # Database time the run finished (success only): feeds the last-success gauge.
+    finished_epoch: float | None = None
+
+    @property
+    def skipped(self) -> bool:
+        """True when another run made this one unnecessary."""
+        return self.outcome == "skipped"
+
+    def to_json(self) -> dict[str, object]:
+        """The endpoint's and the CLI's answer."""
+        body: dict[str, object] = {
+            "success": True,
+            "skipped": self.skipped,
+            "reset_count": self.reset_count,
+            "reset_date": self.reset_date,
+            "period": self.period,
+            "run_id": str(self.run_id),
+            "duration_ms": self.duration_ms,
+            "batches": self.batches,
+        }
+        if self.skip_reason is not None:
+            body["reason"] = self.skip_reason
+            key = "running_run_id" if self.skip_reason == "already_running" else "served_by_run_id"
+            body[key] = None if self.other_run_id is None else str(self.other_run_id)
+        return body
+
+
+def _one(row: asyncpg.Record | None, what: str) -> asyncpg.Record:
+    """The single row a statement always returns; its absence is a schema mismatch."""
+    if row is None:
+        raise RuntimeError(f"{what} returned no row")
+    return row
+
+
+@dataclass
+class _Run:
+    """One run's identity and progress, shared by the happy path and the failure path."""
+
+    settings: Settings
+    source: RunSource
+    size: int
+    slot: datetime | None
+    on_batch: ProgressCallback | None
+    run_id: UUID = field(default_factory=uuid4)
+    batches: int = 0
+    reset_count: int = 0
+    recorded: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    def elapsed_ms(self) -> int:
+        return round((time.monotonic() - self.started) * 1000)
+
+    def fields(self) -> dict[str, int]:
+        return {
+            "reset_count": self.reset_count,
+            "batches": self.batches,
+            "duration_ms": self.elapsed_ms(),
+        }
+
+    async def execute(self, conn: asyncpg.Connection) -> BulkResult:
+        """Lock, record, walk the batches, final pass; or step aside."""
+        if not await conn.fetchval(query("bulk_lock_try")):
+            running = await conn.fetchrow(query("bulk_running_run"))
+            other = None if running is None else running["run_id"]
+            return await self.skip(conn, "already_running", other)
+        abandoned = await conn.fetch(query("bulk_abandon_running"))
+        if abandoned:
+            log.warning("bulk_run_abandoned", run_ids=[str(r["run_id"]) for r in abandoned])
+        if self.slot is not None:
+            served_by = await conn.fetchval(query("bulk_slot_done"), self.slot)
+            if served_by is not None:
+                await conn.execute(query("bulk_unlock"))
+                return await self.skip(conn, "slot_done", served_by)
+        await conn.execute(query("bulk_run_start"), self.run_id, self.source, self.slot)
+        self.recorded = True
+        after: UUID | None = None
+        while True:
+            async with conn.transaction():
+                batch = _one(await conn.fetchrow(query("bulk_batch"), after, self.size), "batch")
+                await conn.execute(query("bulk_run_progress"), self.run_id, batch["reset_count"])
+            self.batches += 1
+            self.reset_count += batch["reset_count"]
+            self.report()
+            if batch["last_key"] is None:
+                break
+            after = batch["last_key"]
+        # The final pass (rows the batches skipped because a writer held them) and the
+        # success record commit together: "success" always means the job was finished.
+        async with conn.transaction():
+            final = await conn.fetchval(query("bulk_final_pass"))
+            done = _one(await conn.fetchrow(query("bulk_run_success"), self.run_id, final), "run")
+        self.reset_count = done["reset_count"]
+        await conn.execute(query("bulk_unlock"))
+        return BulkResult(
+            run_id=self.run_id,
+            source=self.source,
+            outcome="success",
+            reset_count=done["reset_count"],
+            batches=done["batches"],
+            duration_ms=self.elapsed_ms(),
+            reset_date=done["reset_date"],
+            period=done["period"],
+            finished_epoch=done["finished_epoch"],
+        )
+
+    async def skip(
+        self, conn: asyncpg.Connection, reason: SkipReason, other: UUID | None
+    ) -> BulkResult:
+        """Record that this call stepped aside, and what it found."""
+        detail = f"{reason}: run {other}" if other is not None else reason
+        await conn.execute(query("bulk_run_skipped"), self.run_id, self.source, self.slot, detail)
+        dates = _one(await conn.fetchrow(query("bulk_period")), "period")
+        return BulkResult(
+            run_id=self.run_id,
+            source=self.source,
+            outcome="skipped",
+            reset_count=0,
+            batches=0,
+            duration_ms=self.elapsed_ms(),
+            reset_date=dates["reset_date"],
+            period=dates["period"],
+            skip_reason=reason,
+            other_run_id=other,
+        )
+
+    def report(self) -> None:
+        """Tell the caller's progress callback about the batch just committed."""
+        if self.on_batch is None:
+            return
+        progress = BatchProgress(self.run_id, self.batches, self.reset_count, self.elapsed_ms())
+        try:
+            self.on_batch(progress)
+        except Exception:
+            # A progress printer that fails (closed terminal) must not abort a reset.
+            log.warning("bulk_progress_callback_failed", run_id=str(self.run_id), exc_info=True)
+
+    async def after_failure(self, conn: asyncpg.Connection | None, message: str) -> None:
+        """Drop the run's connection (its lock goes with it) and record the failure afresh."""
+        if conn is not None:
+            conn.terminate()
+        if not self.recorded:
+            return
+        recorded = False
+        with anyio.move_on_after(CLEANUP_TIMEOUT_SECONDS):
+            recorded = await self._record_failure(message)
+        if not recorded:
+            # The row stays 'running'; the next run that takes the lock marks it abandoned.
+            log.warning("bulk_run_not_recorded", run_id=str(self.run_id))
+
+    async def _record_failure(self, message: str) -> bool:
+        try:
+            fresh = await connect(self.settings, role="bulk", timeout=CLEANUP_TIMEOUT_SECONDS)
+        except (OSError, asyncpg.PostgresError):
+            return False
+        try:
+            await fresh.execute(query("bulk_run_failure"), self.run_id, message)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return False
+        finally:
+            fresh.terminate()
+        return True
+
+
+async def run_bulk_reset(
+    settings: Settings,
+    *,
+    source: RunSource,
+    metrics: Metrics | None = None,
+    batch_size: int | None = None,
+    on_batch: ProgressCallback | None = None,
+    slot: datetime | None = None,
+) -> BulkResult:
+    """One bulk run, or a prompt skip; raises BulkResetError after recording a failure."""
+    size = settings.bulk_batch_size if batch_size is None else batch_size
+    if size < 1:
+        raise ValueError(f"batch size must be positive, got {size}")
+    run = _Run(settings, source, size, slot, on_batch)
+    bound = log.bind(run_id=str(run.run_id), source=source)
+    bound.info("bulk_reset_started", batch_size=size, slot=_iso(slot))
+    conn: asyncpg.Connection | None = None
+    try:
+        conn = await connect(
+            settings,
+            role="bulk",
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            server_settings={"lock_timeout": LOCK_TIMEOUT},
+        )
+        result = await run.execute(conn)
+    except anyio.get_cancelled_exc_class():
+        with anyio.CancelScope(shield=True):
+            await run.after_failure(conn, "cancelled")
+        _count(metrics, "failure")
+        bound.warning("bulk_reset_finished", **run.fields(), outcome="failure", error="cancelled")
+        raise
+    except Exception as exc:
+        message = _describe(exc)
+        with anyio.CancelScope(shield=True):
+            await run.after_failure(conn, message)
+        _count(metrics, "failure")
+        bound.error(
+            "bulk_reset_finished", **run.fields(), outcome="failure", error=message, exc_info=True
+        )
+        raise BulkResetError(
+            f"bulk reset failed after {run.batches} committed batches "
+            f"({run.reset_count} users reset, kept): {message}",
+            run_id=run.run_id,
+            reset_count=run.reset_count,
+            batches=run.batches,
+        ) from exc
+    await _close(conn)
+    _count(metrics, result.outcome)
+    if metrics is not None and result.finished_epoch is not None:
+        metrics.bulk_last_success.set(result.finished_epoch)
+    bound.info(
+        "bulk_reset_finished",
+        reset_count=result.reset_count,
+        batches=result.batches,
+        duration_ms=result.duration_ms,
+        outcome=result.outcome,
+        reason=result.skip_reason,
+        other_run_id=None if result.other_run_id is None else str(result.other_run_id),
+        period=result.period,
+    )
+    return result
+
+
+async def _close(conn: asyncpg.Connection) -> None:
+    try:
+        await conn.close(timeout=CLEANUP_TIMEOUT_SECONDS)
+    except Exception:
+        conn.terminate()
+
+
+def _describe(exc: BaseException) -> str:
+    """A one-line cause for logs, the run row, the CLI and the HTTP body (no stack, no DSN)."""
+    if isinstance(exc, asyncpg.PostgresError):
+        first_line = (str(exc).splitlines() or [""])[0]
+        text = f"database error {exc.sqlstate}: {first_line}"
+    elif isinstance(exc, OSError | asyncpg.InterfaceError):
+        text = f"database unreachable or connection lost ({type(exc).__name__})"
+    else:
+        text = f"unexpected {type(exc).__name__}"
+    return text[:_MAX_ERROR_CHARS]
+
+
+def _count(metrics: Metrics | None, outcome: str) -> None:
+    if metrics is not None:
+        metrics.bulk_runs.labels(outcome=outcome).inc()
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()

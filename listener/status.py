@@ -1,0 +1,119 @@
+"""`token-reset status`: who still carries last period's usage, and how the bulk runs went.
+
+A human table by default, `--json` for machines.  Every number comes from the
+database (its clock and configured zone), so two operators in different time zones
+see the same answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from listener.config import Settings
+from listener.database import connect
+from listener.sql import query
+
+_CONNECT_TIMEOUT_SECONDS = 10.0
+
+
+async def gather_status(conn: asyncpg.Connection) -> dict[str, Any]:
+    """The status as plain JSON-ready data."""
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        summary = await conn.fetchrow(query("status_summary"))
+        last_run = await conn.fetchrow(query("status_last_run"))
+        last_success = await conn.fetchrow(query("status_last_success"))
+    if summary is None:
+        raise RuntimeError("status_summary returned no row")
+    return {
+        "checked_at": _iso(summary["database_now"]),
+        "period": summary["period"],
+        "period_start": _iso(summary["period_start"]),
+        "users_total": summary["users_total"],
+        "stale_users": summary["stale_users"],
+        "users_carrying_last_period_usage": summary["carrying_usage"],
+        "period_resets": summary["period_resets"],
+        "last_reset_at": _iso(summary["last_reset_at"]),
+        "last_bulk_run": _run(last_run),
+        "last_successful_bulk_run": _run(last_success),
+    }
+
+
+async def command(settings: Settings, args: argparse.Namespace) -> int:
+    """Print the status; exit 1 with one line when the database cannot answer."""
+    try:
+        conn = await connect(settings, role="status", timeout=_CONNECT_TIMEOUT_SECONDS)
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        print(f"token-reset: error: cannot connect to the database: {exc}", file=sys.stderr)
+        return 1
+    try:
+        status = await gather_status(conn)
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedFunctionError) as exc:
+        print(
+            f"token-reset: error: database not migrated ({exc}): run `token-reset migrate`",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        print(f"token-reset: error: status query failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await conn.close()
+    if getattr(args, "json", False):
+        print(json.dumps(status))
+    else:
+        print(render_table(status))
+    return 0
+
+
+def render_table(status: dict[str, Any]) -> str:
+    """Two aligned columns for a terminal."""
+    rows = [
+        ("period", f"{status['period']} (since {status['period_start']})"),
+        ("users", str(status["users_total"])),
+        ("stale users (any usage)", str(status["stale_users"])),
+        ("still carrying last usage", str(status["users_carrying_last_period_usage"])),
+        ("resets this period", str(status["period_resets"])),
+        ("last reset", status["last_reset_at"] or "never"),
+        ("last bulk run", _describe_run(status["last_bulk_run"])),
+        ("last successful bulk run", _describe_run(status["last_successful_bulk_run"])),
+        ("checked at", status["checked_at"]),
+    ]
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _describe_run(run: dict[str, Any] | None) -> str:
+    if run is None:
+        return "never"
+    text = (
+        f"{run['outcome']} ({run['source']}) started {run['started_at']}, "
+        f"{run['reset_count']} reset in {run['batches']} batches, run {run['run_id']}"
+    )
+    if run["error"]:
+        text += f": {run['error']}"
+    return text
+
+
+def _run(row: asyncpg.Record | None) -> dict[str, Any] | None:
+    if row is None:
+        return None
+    return {
+        "run_id": str(row["run_id"]),
+        "source": row["source"],
+        "outcome": row["outcome"],
+        "started_at": _iso(row["started_at"]),
+        "finished_at": _iso(row["finished_at"]),
+        "reset_count": row["reset_count"],
+        "batches": row["batches"],
+        "error": row["error"],
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()

@@ -1,0 +1,89 @@
+-- Queries of the bulk backup runner (listener/bulk.py) and the built-in schedule
+-- (listener/schedule.py).  Each block starts with "-- name: <name>" and takes its
+-- values as $n parameters.
+
+-- name: bulk_lock_try
+-- Session-level: held on the runner's own connection for the whole run, released
+-- by bulk_unlock or, if the process dies, by the connection closing.
+SELECT pg_try_advisory_lock(hashtext('token_reset.bulk'))
+
+-- name: bulk_unlock
+SELECT pg_advisory_unlock(hashtext('token_reset.bulk'))
+
+-- name: bulk_running_run
+-- The run holding the lock, for a caller that found it taken (NULL in the instant
+-- between the holder's lock and its INSERT).
+SELECT run_id, started_at, source
+  FROM public.token_reset_bulk_runs
+ WHERE outcome = 'running'
+ ORDER BY started_at DESC
+ LIMIT 1
+
+-- name: bulk_abandon_running
+-- Only called while holding the lock: any row still 'running' belongs to a process
+-- that died mid-run (its lock went with its connection).
+UPDATE public.token_reset_bulk_runs
+   SET outcome = 'failure', finished_at = now(),
+       error = 'abandoned: the process running it stopped before it finished'
+ WHERE outcome = 'running'
+RETURNING run_id
+
+-- name: bulk_slot_done
+-- A successful scheduled run already served this slot (or a later one).
+SELECT run_id
+  FROM public.token_reset_bulk_runs
+ WHERE outcome = 'success' AND source = 'schedule' AND slot >= $1
+ ORDER BY slot DESC
+ LIMIT 1
+
+-- name: bulk_run_start
+INSERT INTO public.token_reset_bulk_runs (run_id, source, slot)
+VALUES ($1, $2, $3)
+
+-- name: bulk_batch
+-- One keyset batch; the ledger's source is always 'bulk' (the run's source is
+-- recorded in token_reset_bulk_runs).
+SELECT last_key, reset_count FROM public.token_reset_bulk_batch($1, $2, 'bulk')
+
+-- name: bulk_run_progress
+-- In the same transaction as the batch it counts: the row says what was committed.
+UPDATE public.token_reset_bulk_runs
+   SET reset_count = reset_count + $2, batches = batches + 1
+ WHERE run_id = $1
+
+-- name: bulk_final_pass
+SELECT public.token_reset_bulk_final_pass('bulk')
+
+-- name: bulk_run_success
+-- Dates come from the database, in the zone that defines the period.
+UPDATE public.token_reset_bulk_runs
+   SET outcome = 'success', finished_at = now(), reset_count = reset_count + $2
+ WHERE run_id = $1
+RETURNING reset_count, batches,
+          extract(epoch FROM finished_at)::float8 AS finished_epoch,
+          public.token_reset_period_label(now()) AS period,
+          pg_catalog.to_char(pg_catalog.timezone(public.token_reset_zone(), now()),
+                             'YYYY-MM-DD') AS reset_date
+
+-- name: bulk_run_failure
+UPDATE public.token_reset_bulk_runs
+   SET outcome = 'failure', finished_at = now(), error = $2
+ WHERE run_id = $1 AND outcome = 'running'
+
+-- name: bulk_run_skipped
+INSERT INTO public.token_reset_bulk_runs
+       (run_id, source, slot, outcome, finished_at, error)
+VALUES ($1, $2, $3, 'skipped', now(), $4)
+
+-- name: bulk_period
+SELECT public.token_reset_period_label(now()) AS period,
+       pg_catalog.to_char(pg_catalog.timezone(public.token_reset_zone(), now()),
+                          'YYYY-MM-DD') AS reset_date
+
+-- name: bulk_schedule_state
+-- What a starting scheduler needs: the newest slot a scheduled run served, and
+-- when any bulk run last succeeded (to restore the gauge after a restart).
+SELECT (SELECT max(slot) FROM public.token_reset_bulk_runs
+         WHERE outcome = 'success' AND source = 'schedule') AS last_slot,
+       (SELECT extract(epoch FROM max(finished_at))::float8 FROM public.token_reset_bulk_runs
+         WHERE outcome = 'success') AS last_success_epoch
