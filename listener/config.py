@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +49,8 @@ class Settings:
     # "HH:MM" UTC for the built-in daily bulk backup, or "off".
     reset_schedule: str = "00:05"
     libpq_configured: bool = False
+    # The listener's ledger cursor is stored under this name: stable across restarts.
+    listener_name: str = dataclasses.field(default_factory=socket.gethostname)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, stdout_is_tty: bool | None = None) -> Settings:
@@ -70,7 +73,7 @@ class Settings:
             log_level=log_level,
             watchdog_interval_seconds=_float(env, "WATCHDOG_INTERVAL_SECONDS", 60.0),
             reset_grace_seconds=_float(env, "RESET_GRACE_SECONDS", 21600.0, low=0.0),
-            alertmanager_url=_optional(env, "ALERTMANAGER_URL"),
+            alertmanager_url=_http_url(env, "ALERTMANAGER_URL"),
             catchup_interval_seconds=_float(env, "CATCHUP_INTERVAL_SECONDS", 30.0),
             probe_interval_seconds=_float(env, "PROBE_INTERVAL_SECONDS", 15.0),
             probe_timeout_seconds=_float(env, "PROBE_TIMEOUT_SECONDS", 5.0),
@@ -79,6 +82,7 @@ class Settings:
             bulk_batch_size=_int(env, "BULK_BATCH_SIZE", 10_000, low=1, high=1_000_000),
             reset_schedule=_schedule(env.get("RESET_SCHEDULE", cls.reset_schedule)),
             libpq_configured=any(env.get(k) for k in ("PGHOST", "PGSERVICE", "PGDATABASE")),
+            listener_name=_listener_name(env),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
@@ -119,6 +123,21 @@ class Settings:
 def _optional(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()
     return value or None
+
+
+def _listener_name(env: Mapping[str, str]) -> str:
+    value = env.get("LISTENER_NAME", "").strip() or socket.gethostname()
+    if len(value) > 200 or not value.isprintable():
+        raise ConfigError("LISTENER_NAME must be 1-200 printable characters")
+    return value
+
+
+def _http_url(env: Mapping[str, str], name: str) -> str | None:
+    value = _optional(env, name)
+    if value is not None and not value.lower().startswith(("http://", "https://")):
+        # The value is not echoed: it may carry basic-auth credentials.
+        raise ConfigError(f"{name} must be an http:// or https:// URL")
+    return value
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:

@@ -1,14 +1,270 @@
-"""Missed-reset watchdog (issue 5).  STUB: interface fixed, body to be written."""
+"""Missed-reset watchdog: "was this month's reset done?", answered from the database.
+
+Every WATCHDOG_INTERVAL_SECONDS one query (sql/queries/watchdog.sql) reads the facts
+(stale users, resets recorded this period, the newest reset, whether last period had
+usage) and a pure function, `assess`, judges them.  The period's boundaries come from
+the database (its clock and configured zone), while "how far into the period are we"
+comes from the listener's injectable clock, so a test can say "7 h into the month"
+without faking the database's time.  Because the facts live in the database, a
+restart neither raises nor hides the alert, and every replica gives the same answer.
+"""
 
 from __future__ import annotations
 
-import anyio
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal
 
+import anyio
+import asyncpg
+import structlog
+
+from listener.alertmanager import AlertmanagerPusher
 from listener.clock import Clock, utc_now
 from listener.config import Settings
+from listener.database import connect
 from listener.metrics import Metrics
+from listener.sql import query
+
+Reason = Literal["stale_users", "no_resets"]
+Transition = Literal["raised", "cleared"]
+# A check that takes longer than this is treated like an unreachable database.
+DB_TIMEOUT_SECONDS: Final = 10.0
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The facts the watchdog judges, read in one statement."""
+
+    period_start: datetime
+    period_label: str
+    stale_users: int
+    month_resets: int
+    last_reset_at: datetime | None
+    previous_period_had_usage: bool
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record | Mapping[str, Any]) -> Snapshot:
+        """Build from the `watchdog_snapshot` query's row."""
+        return cls(
+            period_start=row["period_start"],
+            period_label=row["period_label"],
+            stale_users=int(row["stale_users"]),
+            month_resets=int(row["month_resets"]),
+            last_reset_at=row["last_reset_at"],
+            previous_period_had_usage=bool(row["previous_period_had_usage"]),
+        )
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """The judgement of one snapshot at one instant."""
+
+    snapshot: Snapshot
+    seconds_into_period: float
+    grace_seconds: float
+    # What is wrong right now, whether or not the grace period is over.
+    reasons: tuple[Reason, ...]
+
+    @property
+    def in_grace(self) -> bool:
+        """True while the month is young enough that stale users are expected."""
+        return self.seconds_into_period <= self.grace_seconds
+
+    @property
+    def missed(self) -> bool:
+        """True when the reset was missed: past the grace period and something is wrong."""
+        return not self.in_grace and bool(self.reasons)
+
+
+def assess(snapshot: Snapshot, now: datetime, grace: float) -> Assessment:
+    """Judge a snapshot at `now` (timezone-aware) with a grace of `grace` seconds."""
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware (a naive time has no month)")
+    reasons: list[Reason] = []
+    if snapshot.stale_users > 0:
+        reasons.append("stale_users")
+    if snapshot.month_resets == 0 and snapshot.previous_period_had_usage:
+        reasons.append("no_resets")
+    return Assessment(
+        snapshot=snapshot,
+        seconds_into_period=(now - snapshot.period_start).total_seconds(),
+        grace_seconds=grace,
+        reasons=tuple(reasons),
+    )
+
+
+class AlertTracker:
+    """Edge detection: logs one event when the alert is raised and one when it clears."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.raised_at: datetime | None = None
+        # One logger per tracker, bound when first used (tests capture it).
+        self._log = structlog.get_logger(__name__)
+
+    def observe(self, assessment: Assessment, now: datetime) -> Transition | None:
+        """Feed one assessment; returns the transition it caused, if any."""
+        snapshot = assessment.snapshot
+        if assessment.missed and not self.active:
+            self.active, self.raised_at = True, now
+            self._log.error(
+                "missed_reset_alert_raised",
+                reasons=list(assessment.reasons),
+                stale_users=snapshot.stale_users,
+                month_resets=snapshot.month_resets,
+                period=snapshot.period_label,
+                period_start=snapshot.period_start.isoformat(),
+                seconds_into_period=round(assessment.seconds_into_period, 1),
+                grace_seconds=assessment.grace_seconds,
+                previous_period_had_usage=snapshot.previous_period_had_usage,
+                last_reset_at=_iso(snapshot.last_reset_at),
+            )
+            return "raised"
+        if not assessment.missed and self.active:
+            raised_at = self.raised_at or now
+            self.active, self.raised_at = False, None
+            self._log.info(
+                "missed_reset_alert_cleared",
+                stale_users=snapshot.stale_users,
+                month_resets=snapshot.month_resets,
+                period=snapshot.period_label,
+                active_seconds=round((now - raised_at).total_seconds(), 1),
+            )
+            return "cleared"
+        return None
+
+
+async def fetch_snapshot(conn: asyncpg.Connection) -> Snapshot:
+    """Run the watchdog's one query."""
+    row = await conn.fetchrow(query("watchdog_snapshot"), timeout=DB_TIMEOUT_SECONDS)
+    if row is None:  # a SELECT without FROM filter always returns a row
+        raise RuntimeError("watchdog_snapshot returned no row")
+    return Snapshot.from_row(row)
+
+
+class Watchdog:
+    """The periodic check: query, judge, export, log edges, push to Alertmanager."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        clock: Clock = utc_now,
+        pusher: AlertmanagerPusher | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.clock = clock
+        self.tracker = AlertTracker()
+        self.last: Assessment | None = None
+        self.db_available = True
+        self.checks = 0  # completed checks, readable or not (tests wait on it)
+        if pusher is None and settings.alertmanager_url:
+            pusher = AlertmanagerPusher(settings.alertmanager_url)
+        self.pusher = pusher
+        self._conn: asyncpg.Connection | None = None
+        self._log = structlog.get_logger(__name__)
+
+    async def run(self) -> None:
+        """Runs until cancelled; the Alertmanager pusher (if any) is its own task."""
+        self._log.info(
+            "watchdog_started",
+            interval_seconds=self.settings.watchdog_interval_seconds,
+            grace_seconds=self.settings.reset_grace_seconds,
+            alertmanager_push=self.pusher is not None,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.pusher is not None:
+                    tg.start_soon(self.pusher.run)
+                while True:
+                    started = anyio.current_time()
+                    await self.check_once()
+                    self.checks += 1
+                    await anyio.sleep_until(started + self.settings.watchdog_interval_seconds)
+        finally:
+            self._drop_connection()
+
+    async def check_once(self) -> Assessment | None:
+        """One check; None when the database could not be read (last values are kept)."""
+        try:
+            snapshot = await self._snapshot()
+        # Why so broad: whatever goes wrong talking to the database (refused, reset,
+        # timed out, not migrated) must not crash the listener's task group.
+        except Exception as exc:
+            self._drop_connection()
+            if self.db_available:
+                self.db_available = False
+                self._log.warning(
+                    "watchdog_db_unavailable", error=str(exc), error_type=type(exc).__name__
+                )
+            self._push(self.clock())  # keep a raised alert alive in Alertmanager
+            return None
+        if not self.db_available:
+            self.db_available = True
+            self._log.info("watchdog_db_recovered")
+        now = self.clock()
+        assessment = assess(snapshot, now, self.settings.reset_grace_seconds)
+        self._export(assessment)
+        self.last = assessment
+        transition = self.tracker.observe(assessment, now)
+        self._log.debug(
+            "watchdog_checked",
+            missed=assessment.missed,
+            stale_users=snapshot.stale_users,
+            month_resets=snapshot.month_resets,
+        )
+        if transition == "cleared" and self.pusher is not None:
+            self.pusher.resolve(now)
+        self._push(now)
+        return assessment
+
+    def _push(self, now: datetime) -> None:
+        if self.pusher is not None and self.tracker.active and self.last is not None:
+            self.pusher.fire(
+                self.last,
+                starts_at=self.tracker.raised_at or now,
+                now=now,
+                interval_seconds=self.settings.watchdog_interval_seconds,
+            )
+
+    async def _snapshot(self) -> Snapshot:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(
+                self.settings,
+                role="watchdog",
+                timeout=DB_TIMEOUT_SECONDS,
+                command_timeout=DB_TIMEOUT_SECONDS,
+            )
+        with anyio.fail_after(DB_TIMEOUT_SECONDS * 2):
+            return await fetch_snapshot(self._conn)
+
+    def _export(self, assessment: Assessment) -> None:
+        snapshot = assessment.snapshot
+        self.metrics.stale_users.set(snapshot.stale_users)
+        self.metrics.month_resets.set(snapshot.month_resets)
+        if snapshot.last_reset_at is not None:
+            self.metrics.last_reset_timestamp.set(snapshot.last_reset_at.timestamp())
+        self.metrics.missed_month.set(1 if assessment.missed else 0)
+
+    def close(self) -> None:
+        """Drop the database connection (run() does this itself when cancelled)."""
+        self._drop_connection()
+
+    def _drop_connection(self) -> None:
+        # terminate(), never close(): a dead socket can make close() hang.
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
 
 
 async def run_watchdog(settings: Settings, metrics: Metrics, *, clock: Clock = utc_now) -> None:
     """Runs until cancelled: every WATCHDOG_INTERVAL_SECONDS, computes the gauges from the DB."""
-    await anyio.sleep_forever()
+    await Watchdog(settings, metrics, clock=clock).run()

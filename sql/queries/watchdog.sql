@@ -1,0 +1,58 @@
+-- Queries of the missed-reset watchdog (listener/watchdog.py).  Each block starts
+-- with "-- name: <name>" and takes its values as $n parameters.
+
+-- name: watchdog_snapshot
+-- Everything the watchdog judges, in one statement (one snapshot, one round trip).
+-- The period boundaries come from the database's clock and configured zone; how far
+-- into the period "now" is, the listener decides with its own (injectable) clock.
+-- The period expressions are written out in each subquery (not passed down from a
+-- CTE) so the planner folds them to constants and estimates row counts from them:
+-- with a real estimate it counts this period's resets with a bitmap scan instead of
+-- one random heap visit per row.
+--   stale_users:  users still carrying a previous period's usage.  A sequential scan
+--                 of user_tokens: the reset columns are deliberately unindexed so a
+--                 reset stays a HOT update.
+--   month_resets: reset rows of this period, through the unique index that leads
+--                 with (metadata ->> 'period').
+--   last_reset_at: the newest reset row, from the partial index on reset ids.
+--   previous_period_had_usage: a reset this period or a stale user proves it for
+--                 free; only when neither exists (the quiet or the broken case) is
+--                 the deduct probe over last period's created_at range (BRIN) run.
+-- MATERIALIZED: the CASE reads the counts twice; without it they would be computed
+-- twice.
+WITH counts AS MATERIALIZED (
+    SELECT (SELECT count(*)
+              FROM public.user_tokens u
+             WHERE u.last_monthly_reset < public.token_reset_period_start()
+               AND u.monthly_tokens_used > 0) AS stale_users,
+           (SELECT count(*)
+              FROM public.token_transactions t
+             WHERE t.operation = 'reset'
+               AND (t.metadata ->> 'period')
+                   = public.token_reset_period_label(pg_catalog.now())) AS month_resets,
+           (SELECT t.created_at
+              FROM public.token_transactions t
+             WHERE t.operation = 'reset'
+             ORDER BY t.id DESC
+             LIMIT 1) AS last_reset_at
+)
+SELECT pg_catalog.now() AS database_now,
+       public.token_reset_period_start() AS period_start,
+       public.token_reset_period_label(pg_catalog.now()) AS period_label,
+       c.stale_users,
+       c.month_resets,
+       c.last_reset_at,
+       CASE
+           WHEN c.stale_users > 0 OR c.month_resets > 0 THEN true
+           ELSE EXISTS (
+               SELECT 1
+                 FROM public.token_transactions t
+                WHERE t.created_at >= pg_catalog.timezone(
+                          public.token_reset_zone(),
+                          pg_catalog.timezone(public.token_reset_zone(),
+                                              public.token_reset_period_start())
+                          - interval '1 month')
+                  AND t.created_at < public.token_reset_period_start()
+                  AND t.operation = 'deduct')
+       END AS previous_period_had_usage
+  FROM counts c
