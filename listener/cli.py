@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--http-port", type=int, help="default: a free port")
     demo.add_argument("--users", type=int, default=300, help="users to create (default 300)")
     demo.add_argument("--once", action="store_true", help="exit 0 after the summary")
+    demo.add_argument("--json-summary", type=Path, help="write the scraped time series here")
     return parser
 
 

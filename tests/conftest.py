@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -23,10 +26,17 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="session")
-def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestServer]:
+def pg_server() -> Iterator[TestServer]:
     """The PostgreSQL server for the whole session (TEST_DATABASE_URL or embedded)."""
-    with test_server(tmp_path_factory.mktemp("pg")) as server:
-        yield server
+    # Not under pytest's tmp_path: pytest prunes old basetemp directories and resets
+    # their modes, which would pull the data directory from under a running server
+    # when two sessions share a machine.
+    data_root = Path(tempfile.mkdtemp(prefix="token-reset-tests-"))
+    try:
+        with test_server(data_root) as server:
+            yield server
+    finally:
+        shutil.rmtree(data_root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

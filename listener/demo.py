@@ -1,0 +1,335 @@
+"""`token-reset demo`: a month rollover on an embedded PostgreSQL, watched by the real service.
+
+The story, on a fresh database every run (same seed, same numbers):
+
+1. users whose usage dates from last month (the classic bug: 77/500 on the 2nd);
+2. the real listener service, in this process, with the watchdog's grace at 0 so
+   /metrics shows the missed reset at once (`token_reset_missed_month` 1);
+3. the rollover: application traffic resets the users it touches (deduct_tokens()
+   and direct writes through the trigger), then the cron endpoint's bulk reset
+   clears everyone else;
+4. the metrics catch up (`token_reset_users_total` = users reset, the alert clears),
+   and a human summary with the URLs.
+
+The service's JSON log lines stream to stdout as they happen; the demo's own lines
+start with "demo:" and the summary is a plain block, so `grep '^{'` keeps the JSON.
+Every wait has a deadline.  SIGINT/SIGTERM stop the service, then the embedded server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+from anyio.abc import TaskStatus
+
+from listener.admin_api import RESET_PATH
+from listener.config import MIN_CRON_SECRET_LENGTH, Settings
+from listener.database import connect
+from listener.demo_scrape import Reading, Timeline, WaitTimeout, describe, http
+from listener.demo_story import Population, plan_population, summary_lines
+from listener.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from listener.logs import configure_logging
+from listener.migrate import apply_migrations
+from listener.service import Service
+from listener.sql import query
+
+DEMO_DATABASE = "token_reset_demo"  # the name sql/queries/demo.sql drops and creates
+MAX_USERS = 100_000
+WAIT_SECONDS = 30.0  # each wait on the service (ready, alert raised, metrics caught up)
+CONNECT_SECONDS = 10.0
+MIGRATE_SECONDS = 60.0
+# Fast enough that the gauges follow the story; the check is a few ms on a demo table.
+WATCHDOG_SECONDS = 0.5
+SCRAPE_SECONDS = 0.2
+# Application traffic is spread over this long, so the picture shows it trickle in.
+TRAFFIC_SECONDS = 2.0
+# With --json-summary, the time series goes on this long after the metrics caught up.
+AFTERGLOW_SECONDS = 1.0
+
+
+class DemoError(RuntimeError):
+    """The demo could not tell its story; the message says which step failed."""
+
+
+def say(text: str) -> None:
+    """One human line on stdout, among the service's JSON lines."""
+    print(f"demo: {text}", flush=True)
+
+
+class Demo:
+    """One demo run: embedded server, fresh database, service, story, summary."""
+
+    def __init__(self, settings: Settings, args: argparse.Namespace) -> None:
+        self.settings = settings
+        self.args = args
+        self.started = time.monotonic()
+        # A signal cancels the whole run while setting up; once the service runs, only
+        # the story, so the service stops in order (service.stop()) before the server.
+        self.scope = anyio.CancelScope()
+        self.story = anyio.CancelScope()
+        self.service: Service | None = None
+        self.signal: signal.Signals | None = None
+        self.told = False  # the summary was printed
+
+    async def watch_signals(self, *, task_status: TaskStatus[None]) -> None:
+        """SIGINT/SIGTERM: stop everything (once; the shutdown is bounded anyway)."""
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            task_status.started()
+            async for signum in signals:
+                if self.signal is None:
+                    self.signal = signal.Signals(signum)
+                    say(f"{self.signal.name}: stopping the listener, then the embedded server")
+                    (self.scope if self.service is None else self.story).cancel()
+
+    async def run(self) -> int:
+        """The whole demo; returns the exit code."""
+        server = EmbeddedPostgres(data_dir=Path(self.args.data_dir))
+        failed = False
+        try:
+            with self.scope:
+                await self._run(server)
+        # except*: a failing step may surface from inside a task group, wrapped.
+        except* (DemoError, WaitTimeout, EmbeddedPostgresError) as errors:
+            failed = True
+            for exc in _leaves(errors):
+                print(f"token-reset demo: error: {exc}", file=sys.stderr, flush=True)
+        finally:
+            with anyio.CancelScope(shield=True):
+                failed = not await self._stop(server) or failed
+        if failed:
+            return 1
+        if self.signal is None or self.told:
+            # --once, or serving after the summary until interrupted: both are success.
+            return 0
+        return 128 + self.signal.value  # interrupted before the story was told
+
+    async def _stop(self, server: EmbeddedPostgres) -> bool:
+        """Stop the embedded server; False (after saying why) when it would not stop."""
+        try:
+            await anyio.to_thread.run_sync(server.stop)
+        except EmbeddedPostgresError as exc:
+            print(f"token-reset demo: error: stopping PostgreSQL: {exc}", file=sys.stderr)
+            return False
+        say("embedded PostgreSQL stopped")
+        return True
+
+    async def _run(self, server: EmbeddedPostgres) -> None:
+        await anyio.to_thread.run_sync(server.start)
+        say(
+            f"embedded PostgreSQL on 127.0.0.1:{server.port} (data: {server.data_dir}), "
+            f"fresh database {DEMO_DATABASE}"
+        )
+        population = plan_population(int(self.args.users))
+        dsn = server.dsn_for(DEMO_DATABASE)
+        await self._prepare(server.dsn, dsn, population)
+        say(
+            f"{population.total} users: {len(population.stale)} with last month's usage, "
+            f"{len(population.idle)} stale with none, {len(population.current)} current"
+        )
+        secret = self.settings.cron_secret or ""
+        shown_bearer = "$CRON_SECRET"
+        if len(secret) < MIN_CRON_SECRET_LENGTH:
+            # A throwaway secret for a throwaway local server; shown so you can try it.
+            secret = shown_bearer = secrets.token_hex(16)
+        self.service = service = Service(self._service_settings(dsn, secret), handle_signals=False)
+        async with anyio.create_task_group() as group:
+            try:
+                with self.story:
+                    try:
+                        await group.start(service.run)
+                    except RuntimeError as exc:
+                        raise DemoError(
+                            "the listener service did not start (see its log above)"
+                        ) from exc
+                    base = f"http://127.0.0.1:{service.state.http_port}"
+                    await self._tell(base, population, dsn, secret, shown_bearer)
+                    self.told = True
+                    if not self.args.once:
+                        say(f"serving {base}/metrics; press Ctrl-C to stop")
+                        await anyio.sleep_forever()
+            finally:
+                service.stop()
+
+    async def _prepare(self, admin_dsn: str, dsn: str, population: Population) -> None:
+        """Drop and create the demo database, migrate it, create the users."""
+        try:
+            admin = await connect(self._at(admin_dsn), role="demo", timeout=CONNECT_SECONDS)
+            try:
+                await admin.execute(query("demo_drop_database"))
+                await admin.execute(query("demo_create_database"))
+            finally:
+                await admin.close()
+            conn = await connect(self._at(dsn), role="demo", timeout=CONNECT_SECONDS)
+            try:
+                with anyio.fail_after(MIGRATE_SECONDS):
+                    await apply_migrations(conn)
+                await conn.execute(query("demo_seed_users"), *population.columns())
+            finally:
+                await conn.close()
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise DemoError(f"preparing the demo database failed: {exc}") from exc
+
+    async def _tell(
+        self, base: str, population: Population, dsn: str, secret: str, shown_bearer: str
+    ) -> None:
+        """Steps 2-4 of the story, then the summary (and --json-summary's file)."""
+        timeline = Timeline(f"{base}/metrics", started=self.started)
+        async with anyio.create_task_group() as recorder:
+            await self._wait_ready(f"{base}/readyz")
+            timeline.mark("listener_ready")
+            recorder.start_soon(timeline.record, SCRAPE_SECONDS)
+            say(f"listener ready: {base}/metrics, {base}/readyz")
+            stale = len(population.stale)
+            before = await timeline.wait_for(
+                lambda r: r.missed_month == 1 and r.stale_users == stale,
+                f"token_reset_missed_month=1 and token_reset_stale_users={stale}",
+                WAIT_SECONDS,
+            )
+            timeline.mark("missed_reset_seen")
+            say(f"the missed reset, as Prometheus sees it: {describe(before)}")
+            timeline.mark("app_traffic")
+            await self._app_traffic(dsn, population)
+            say(
+                f"app traffic: {len(population.via('function'))} deduct_tokens() calls and "
+                f"{len(population.via('trigger'))} direct UPDATEs reset the users they touched"
+            )
+            timeline.mark("bulk_endpoint")
+            status, body = await http(
+                "POST", f"{base}{RESET_PATH}", {"Authorization": f"Bearer {secret}"}
+            )
+            say(f"POST {RESET_PATH} -> {status} {body}")
+            if status != 200:
+                raise DemoError(f"the reset endpoint answered {status}: {body}")
+            after = await timeline.wait_for(
+                lambda r: r.total_resets == stale and r.missed_month == 0 and r.stale_users == 0,
+                f"token_reset_users_total to sum to {stale} and the alert to clear",
+                WAIT_SECONDS,
+            )
+            timeline.mark("all_counted")
+            if getattr(self.args, "json_summary", None) is not None:
+                # The picture shows the settled state too, not only its first instant.
+                await anyio.sleep(AFTERGLOW_SECONDS)
+            recorder.cancel_scope.cancel()
+        lines = summary_lines(
+            base=base,
+            population=population,
+            before=before,
+            after=after,
+            bulk=json.loads(body),
+            marks={name: at for at, name in timeline.marks},
+            shown_bearer=shown_bearer,
+        )
+        print("\n".join(lines), flush=True)
+        summary = self._summary_json(population, before, after, json.loads(body), timeline)
+        path = getattr(self.args, "json_summary", None)
+        if path is not None:
+            await anyio.Path(path).write_text(
+                json.dumps(summary, indent=1) + "\n", encoding="utf-8"
+            )
+            say(f"time series written to {path}")
+
+    async def _wait_ready(self, url: str) -> None:
+        last = "no answer yet"
+        with anyio.move_on_after(WAIT_SECONDS):
+            while True:
+                try:
+                    status, body = await http("GET", url)
+                except OSError as exc:
+                    last = str(exc)
+                else:
+                    if status == 200:
+                        return
+                    last = f"{status} {body}"
+                await anyio.sleep(0.1)
+        raise DemoError(f"the service was not ready after {WAIT_SECONDS:g} s: {last}")
+
+    async def _app_traffic(self, dsn: str, population: Population) -> None:
+        """The application after midnight: each write resets its own user first."""
+        pause = TRAFFIC_SECONDS / max(len(population.traffic), 1)
+        conn = await connect(self._at(dsn), role="demo-app", timeout=CONNECT_SECONDS)
+        try:
+            for write in population.traffic:
+                name = "demo_deduct" if write.via == "function" else "demo_app_write"
+                await conn.execute(query(name), write.user_id, write.amount)
+                await anyio.sleep(pause)  # pacing the simulated traffic, not a wait
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise DemoError(f"application traffic failed: {exc}") from exc
+        finally:
+            await conn.close()
+
+    def _summary_json(
+        self,
+        population: Population,
+        before: Reading,
+        after: Reading,
+        bulk: dict[str, Any],
+        timeline: Timeline,
+    ) -> dict[str, Any]:
+        return {
+            "version": 1,
+            "users": population.counts(),
+            "before": before.to_json(),
+            "after": after.to_json(),
+            "bulk": bulk,
+            "event_lag": {"mean_seconds": after.lag_mean(), "bound_seconds": after.lag_bound()},
+            "marks": [{"t": at, "phase": name} for at, name in timeline.marks],
+            "samples": [reading.to_json() for reading in timeline.readings],
+            "duration_seconds": round(time.monotonic() - self.started, 3),
+        }
+
+    def _at(self, dsn: str) -> Settings:
+        return dataclasses.replace(self.settings, database_url=dsn)
+
+    def _service_settings(self, dsn: str, secret: str) -> Settings:
+        return dataclasses.replace(
+            self.settings,
+            database_url=dsn,
+            cron_secret=secret,
+            http_host="127.0.0.1",
+            http_port=0 if self.args.http_port is None else int(self.args.http_port),
+            watchdog_interval_seconds=WATCHDOG_SECONDS,
+            # Grace 0: the demo's month began long ago, the alert shows at once.
+            reset_grace_seconds=0.0,
+            reset_schedule="off",  # the demo calls the endpoint itself
+            alertmanager_url=None,  # a demo never pages anyone
+            listener_name="token-reset-demo",
+        )
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    """The exceptions inside a (nested) exception group."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+async def command(settings: Settings, args: argparse.Namespace) -> int:
+    """`token-reset demo`: tell the rollover story; --once exits 0 after the summary."""
+    if not 1 <= int(args.users) <= MAX_USERS:
+        print(f"token-reset demo: error: --users must be 1..{MAX_USERS}", file=sys.stderr)
+        return 2
+    if settings.database_url is not None:
+        say("ignoring DATABASE_URL: the demo always runs its own embedded PostgreSQL")
+    if getattr(args, "log_format", None) is None and "LOG_FORMAT" not in os.environ:
+        # The demo shows the JSON lines an SRE's pipeline would see, on a terminal too.
+        configure_logging("json", settings.log_level, stream=sys.stdout)
+    demo = Demo(settings, args)
+    async with anyio.create_task_group() as group:
+        await group.start(demo.watch_signals)
+        code = await demo.run()
+        group.cancel_scope.cancel()
+    return code

@@ -1,0 +1,139 @@
+"""`token-reset demo` as a user runs it: its own embedded server, the whole story, clean exit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.acceptance
+
+# The whole demo takes ~5 s here (initdb included); the bound allows a loaded machine.
+DEMO_SECONDS = 90
+STOP_SECONDS = 15.0
+# Set on purpose: the demo must ignore it and use the server it owns.
+UNREACHABLE_DATABASE = "postgresql://nobody@127.0.0.1:1/nothing"
+
+
+@pytest.fixture
+def data_dir() -> Iterator[Path]:
+    """The embedded server's data directory, outside pytest's basetemp.
+
+    As root the server runs as another user who needs search permission on every
+    ancestor, and a concurrent pytest session resets its basetemp to mode 0700.
+    """
+    root = Path(tempfile.mkdtemp(prefix="token-reset-demo-test-"))
+    yield root / "pgdata"
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def demo_env() -> dict[str, str]:
+    """The inherited environment, JSON logs, and a DATABASE_URL the demo must ignore."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("PG")
+        and key not in {"CRON_SECRET", "HTTP_PORT", "HTTP_HOST", "LOG_LEVEL", "ALERTMANAGER_URL"}
+    }
+    env.update(LOG_FORMAT="json", DATABASE_URL=UNREACHABLE_DATABASE)
+    return env
+
+
+def demo_argv(data_dir: Path) -> list[str]:
+    """`python -m listener demo` on a data directory of the test's own."""
+    return [sys.executable, "-m", "listener", "demo", "--users", "50", "--data-dir", str(data_dir)]
+
+
+def log_lines(stdout: str) -> list[dict[str, Any]]:
+    """Every JSON line of the output, parsed (a line that starts with '{' must parse)."""
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+
+
+def test_demo_once_tells_the_rollover_and_exits_zero(tmp_path: Path, data_dir: Path) -> None:
+    """--once: missed reset shown, every stale user reset and counted, summary, exit 0."""
+    summary_path = tmp_path / "demo.json"
+    argv = [*demo_argv(data_dir), "--once", "--json-summary", str(summary_path)]
+    done = subprocess.run(
+        argv,
+        cwd=tmp_path,
+        env=demo_env(),
+        capture_output=True,
+        text=True,
+        timeout=DEMO_SECONDS,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    out = done.stdout
+    logs = log_lines(out)
+    events = [entry["event"] for entry in logs]
+    for expected in (
+        "http_listening",
+        "missed_reset_alert_raised",
+        "resets_recorded",
+        "bulk_reset_finished",
+        "missed_reset_alert_cleared",
+        "listener_stopped",
+    ):
+        assert expected in events, f"no {expected} log line:\n{out}"
+    assert "ignoring DATABASE_URL" in out
+
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    users = summary["users"]
+    assert users["total"] == 50
+    stale = users["stale_with_usage"]
+    before, after = summary["before"], summary["after"]
+    assert (before["missed_month"], before["stale_users"]) == (1, stale)
+    assert (after["missed_month"], after["stale_users"], after["month_resets"]) == (0, 0, stale)
+    resets = after["resets"]
+    assert resets["function"] == users["reset_by_function"] > 0
+    assert resets["trigger"] == users["reset_by_trigger"] > 0
+    assert resets["bulk"] == summary["bulk"]["reset_count"]
+    assert sum(resets.values()) == stale
+    logged = sum(e["count"] for e in logs if e["event"] == "resets_recorded")
+    assert logged == stale, "every reset appears in the JSON log, once"
+
+    port = next(e["port"] for e in logs if e["event"] == "http_listening")
+    by_source = ", ".join(f"{s} {resets[s]:g}" for s in ("function", "trigger", "bulk"))
+    assert f"resets by source   {by_source} (total {stale} of {stale}" in out
+    assert f"http://127.0.0.1:{port}/metrics" in out
+    assert f"http://127.0.0.1:{port}/api/admin/reset-monthly-tokens" in out
+    assert not (data_dir / "postmaster.pid").exists(), "the embedded server was left running"
+
+
+def test_demo_serves_until_sigint_then_stops_everything(tmp_path: Path, data_dir: Path) -> None:
+    """Without --once the demo keeps serving /metrics; SIGINT stops it with exit 0."""
+    log_path = tmp_path / "demo.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            demo_argv(data_dir), cwd=tmp_path, env=demo_env(), stdout=log, stderr=log
+        )
+    try:
+        deadline = time.monotonic() + DEMO_SECONDS
+        while "press Ctrl-C to stop" not in log_path.read_text(errors="replace"):
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, f"never served:\n{log_path.read_text()}"
+            time.sleep(0.1)  # polling its output file: the condition is the line appearing
+        port = next(
+            e["port"] for e in log_lines(log_path.read_text()) if e["event"] == "http_listening"
+        )
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:  # loopback http
+            assert b"token_reset_missed_month 0.0" in response.read()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=STOP_SECONDS) == 0, log_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STOP_SECONDS)
+    assert not (data_dir / "postmaster.pid").exists(), "the embedded server was left running"
