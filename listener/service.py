@@ -1,0 +1,382 @@
+"""`token-reset listen`: one anyio task group owns the whole service.
+
+Tasks: the signal receiver (SIGTERM/SIGINT stop everything), the HTTP server, the
+listener (connection, doorbells, ledger catch-up, probe), the watchdog and the
+built-in schedule.  Stopping sets one event (hypercorn's shutdown trigger) and
+cancels the group; cleanup runs shielded under a deadline, so the process exits
+within SHUTDOWN_TIMEOUT_SECONDS (default 10 s) with exit code 0.
+
+A database that is down at start is retried forever with backoff (/readyz says
+503 meanwhile): in an orchestrator the database often comes up after us.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import anyio
+import asyncpg
+import structlog
+from anyio.abc import TaskStatus
+
+from listener.clock import Clock, utc_now
+from listener.config import Settings
+from listener.connection import Backoff, DoorbellBuffer, ListenConnection, ProbeFailed
+from listener.http import create_app, run_http
+from listener.ledger import CatchUp, Ledger
+from listener.metrics import Metrics
+from listener.payload import Doorbell, Malformed, Probe, parse_payload
+from listener.schedule import run_schedule
+from listener.watchdog import run_watchdog
+
+log = structlog.get_logger("listener.service")
+
+CONNECT_TIMEOUT_SECONDS = 10.0
+# While reconnecting, log the 1st attempt, every Nth, and whenever the error changes.
+RECONNECT_LOG_EVERY = 10
+# Expected ways for a session to end: the database or the network went away.
+SESSION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # e.g. "another operation is in progress" on a connection the server just killed
+    asyncpg.InternalClientError,
+    ProbeFailed,
+)
+
+# While the horizon waits for open ledger writers, re-check this soon, backing off.
+FOLLOW_UP_MIN_SECONDS = 0.005
+FOLLOW_UP_MAX_SECONDS = 1.0
+# A flood of bad payloads gets one warning per interval, with a count of the rest.
+MALFORMED_LOG_INTERVAL_SECONDS = 1.0
+
+# Ends a session: (error kind, reason).
+Fail = Callable[[str, str], None]
+
+
+@dataclass
+class ServiceState:
+    """What /readyz reports; other tasks read it, only the service writes it."""
+
+    connected: bool = False
+    listening: bool = False
+    caught_up: bool = False
+    stopping: bool = False
+    backend_pid: int | None = None
+    http_port: int | None = None
+    last_error: str | None = None
+
+    def not_ready(self) -> list[str]:
+        """Reasons the service is not ready; empty when it is."""
+        reasons = []
+        if self.stopping:
+            reasons.append("shutting down")
+        if not self.connected:
+            reasons.append(f"not connected to the database ({self.last_error or 'starting'})")
+        elif not self.listening:
+            reasons.append("LISTEN is not active")
+        elif not self.caught_up:
+            reasons.append("catching up with the ledger")
+        return reasons
+
+
+class Service:
+    """The listener service; `run()` returns the process exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        *,
+        clock: Clock = utc_now,
+        handle_signals: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics.fresh()
+        self.clock = clock
+        self.handle_signals = handle_signals
+        self.state = ServiceState()
+        self.ledger = Ledger(self.metrics, settings.listener_name)
+        self.buffer = DoorbellBuffer(self.metrics)
+        self.listen: ListenConnection | None = None
+        self._stop = anyio.Event()
+        self._group_scope: anyio.CancelScope | None = None
+        self._sessions = 0
+
+    async def run(self, *, task_status: TaskStatus[Service] = anyio.TASK_STATUS_IGNORED) -> int:
+        """Run until stopped; reports itself to start() once the HTTP port is bound."""
+        app = create_app(self.settings, self.metrics, self.state.not_ready)
+        try:
+            async with anyio.create_task_group() as group:
+                self._group_scope = group.cancel_scope
+                if self.handle_signals:
+                    group.start_soon(self._signals)
+                self.state.http_port = await group.start(run_http, app, self.settings, self._stop)
+                group.start_soon(self._listen_forever)
+                group.start_soon(self._guarded, "watchdog", run_watchdog)
+                group.start_soon(self._guarded, "schedule", run_schedule)
+                task_status.started(self)
+        except Exception:
+            log.exception("listener_crashed")
+            return 1
+        finally:
+            self.buffer.close()
+        log.info("listener_stopped")
+        return 0
+
+    def stop(self) -> None:
+        """Begin an orderly shutdown, bounded by shutdown_timeout_seconds."""
+        if self.state.stopping:
+            return
+        self.state.stopping = True
+        self._stop.set()
+        if self._group_scope is not None:
+            self._group_scope.cancel()
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("shutdown_requested", signal=signal.Signals(signum).name)
+                self.stop()
+                return
+
+    async def _guarded(self, name: str, task: Callable[..., Awaitable[None]]) -> None:
+        """Run a sibling service task; its failure is logged, never takes the listener down."""
+        try:
+            await task(self.settings, self.metrics, clock=self.clock)
+        except Exception:
+            log.exception("task_failed", task=name)
+
+    async def _listen_forever(self) -> None:
+        backoff = Backoff(cap=self.settings.reconnect_max_seconds)
+        reported: str | None = None
+        while True:
+            connected, kind, detail = await self._session()
+            if connected:
+                backoff.reset()
+                reported = None
+            self.state.last_error = detail
+            delay = backoff.next_delay()
+            attempt = backoff.attempt
+            if attempt == 1 or attempt % RECONNECT_LOG_EVERY == 0 or kind != reported:
+                log.warning(
+                    "listener_reconnecting",
+                    attempt=attempt,
+                    delay_seconds=round(delay, 3),
+                    error=kind,
+                    reason=detail,
+                )
+                reported = kind
+            await anyio.sleep(delay)
+
+    async def _session(self) -> tuple[bool, str, str]:
+        """One connection's life: returns (was connected, error kind, reason) when it ends."""
+        try:
+            listen = await ListenConnection.open(
+                self.settings, self.buffer.offer, connect_seconds=CONNECT_TIMEOUT_SECONDS
+            )
+        except Exception as exc:
+            _log_unexpected(exc)
+            return False, type(exc).__name__, _describe(exc)
+        failure: list[tuple[str, str]] = []
+        connected = False
+        try:
+            async with listen.lock:
+                cursor = await self.ledger.open(listen.conn)
+            connected = True
+            self._connected(listen, cursor)
+            async with anyio.create_task_group() as group:
+
+                def fail(kind: str, reason: str) -> None:
+                    if not failure:
+                        failure.append((kind, reason))
+                    group.cancel_scope.cancel()
+
+                processor = Processor(
+                    self.settings, self.ledger, self.buffer, self.metrics, self.state
+                )
+                group.start_soon(_supervised, self._watch_lost, listen, fail)
+                group.start_soon(_supervised, self._probe_loop, listen, fail)
+                group.start_soon(_supervised, processor.run, listen, fail)
+        except Exception as exc:
+            _log_unexpected(exc)
+            failure.append((type(exc).__name__, _describe(exc)))
+        finally:
+            kind, reason = failure[0] if failure else ("Shutdown", "shutting down")
+            await self._disconnected(listen, connected, reason)
+        return connected, kind, reason
+
+    def _connected(self, listen: ListenConnection, cursor: int) -> None:
+        self.listen = listen
+        self.state.connected = self.state.listening = True
+        self.state.caught_up = False
+        self.state.backend_pid = listen.backend_pid
+        self.state.last_error = None
+        self.metrics.listener_connected.set(1)
+        if self._sessions:
+            self.metrics.reconnects.inc()
+        self._sessions += 1
+        # LISTEN is registered; now read everything the ledger got meanwhile.
+        self.buffer.request_catch_up()
+        log.info(
+            "listener_connected",
+            backend_pid=listen.backend_pid,
+            consumer=self.ledger.consumer,
+            cursor=cursor,
+            keepalive=listen.keepalive,
+            reconnect=self._sessions > 1,
+        )
+
+    async def _disconnected(self, listen: ListenConnection, connected: bool, reason: str) -> None:
+        self.listen = None
+        self.state.connected = self.state.listening = self.state.caught_up = False
+        self.state.backend_pid = None
+        self.metrics.listener_connected.set(0)
+        if self.state.stopping:
+            await listen.close(within=min(2.0, self.settings.shutdown_timeout_seconds / 2))
+        else:
+            listen.terminate()
+        if connected:
+            level = log.info if self.state.stopping else log.warning
+            level("listener_disconnected", reason=reason)
+
+    async def _watch_lost(self, listen: ListenConnection, fail: Fail) -> None:
+        await listen.lost.wait()
+        fail("ConnectionLost", "the connection was closed")
+
+    async def _probe_loop(self, listen: ListenConnection, fail: Fail) -> None:
+        while True:
+            await anyio.sleep(self.settings.probe_interval_seconds)
+            try:
+                seconds = await listen.probe(self.settings.probe_timeout_seconds)
+            except ProbeFailed:
+                self.metrics.listener_connected.set(0)
+                raise
+            log.debug("probe_echoed", round_trip_seconds=round(seconds, 6))
+
+
+async def _supervised(
+    task: Callable[[ListenConnection, Fail], Awaitable[None]],
+    listen: ListenConnection,
+    fail: Fail,
+) -> None:
+    """Run one session task; any error ends the session, which reconnects."""
+    try:
+        await task(listen, fail)
+    except Exception as exc:
+        _log_unexpected(exc)
+        fail(type(exc).__name__, _describe(exc))
+
+
+def _log_unexpected(exc: Exception) -> None:
+    """Connection trouble is routine (the reconnect logs it); anything else is a bug."""
+    if not isinstance(exc, SESSION_ERRORS):
+        log.error("listener_task_failed", exc_info=exc)
+
+
+class Processor:
+    """One session's processing task: doorbells and timers become ledger catch-ups."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        ledger: Ledger,
+        buffer: DoorbellBuffer,
+        metrics: Metrics,
+        state: ServiceState,
+    ) -> None:
+        self.settings = settings
+        self.ledger = ledger
+        self.buffer = buffer
+        self.metrics = metrics
+        self.state = state
+        self._warned_at = float("-inf")
+        self._suppressed = 0
+
+    async def run(self, listen: ListenConnection, fail: Fail) -> None:
+        """Process until the connection fails (the error ends the session)."""
+        interval = self.settings.catchup_interval_seconds
+        next_periodic = anyio.current_time() + interval
+        follow_up: float | None = None
+        target: int | None = None
+        while True:
+            now = anyio.current_time()
+            deadline = next_periodic if follow_up is None else min(next_periodic, now + follow_up)
+            doorbells, rang = self._sort(await self.buffer.collect(deadline - now))
+            requested = self.buffer.take_catch_up_request()
+            if not (rang or requested or anyio.current_time() >= deadline):
+                continue
+            result: CatchUp | None = None
+            try:
+                result = await self.ledger.catch_up(
+                    listen.conn, lock=listen.lock, more_coming=self.buffer.waiting
+                )
+            finally:
+                self._classify(doorbells, None if result is None else result.allocated)
+            next_periodic = anyio.current_time() + interval
+            if result.pending:
+                follow_up = min(FOLLOW_UP_MAX_SECONDS, 2 * (follow_up or FOLLOW_UP_MIN_SECONDS / 2))
+            else:
+                follow_up = None
+            if target is None:
+                target = result.allocated
+            if not self.state.caught_up and result.cursor >= target:
+                self.state.caught_up = True
+                log.info("listener_caught_up", cursor=result.cursor, rows=result.rows)
+
+    def _sort(self, payloads: list[str]) -> tuple[list[Doorbell], bool]:
+        """Count probes and malformed payloads; return the doorbells, and whether to read."""
+        doorbells: list[Doorbell] = []
+        rang = False
+        for raw in payloads:
+            match parse_payload(raw):
+                case Probe():
+                    self.metrics.notifications.labels(outcome="probe").inc()
+                case Malformed(reason=reason, size=size):
+                    # Something rang: a harmless read costs less than guessing it was noise.
+                    rang = True
+                    self.metrics.notifications.labels(outcome="malformed").inc()
+                    self._warn_malformed(reason, size=size)
+                case Doorbell() as doorbell:
+                    rang = True
+                    doorbells.append(doorbell)
+        return doorbells, rang
+
+    def _classify(self, doorbells: list[Doorbell], allocated: int | None) -> None:
+        """A doorbell naming ids the ledger never handed out is forged; count it so."""
+        ok = 0
+        for doorbell in doorbells:
+            if allocated is not None and doorbell.last_id > allocated:
+                self.metrics.notifications.labels(outcome="malformed").inc()
+                self._warn_malformed(
+                    "announces ids the ledger has not handed out",
+                    last_id=doorbell.last_id,
+                    allocated=allocated,
+                )
+            else:
+                ok += 1
+        if ok:
+            self.metrics.notifications.labels(outcome="ok").inc(ok)
+
+    def _warn_malformed(self, reason: str, **fields: object) -> None:
+        now = anyio.current_time()
+        if now - self._warned_at < MALFORMED_LOG_INTERVAL_SECONDS:
+            self._suppressed += 1
+            return
+        log.warning("notification_malformed", reason=reason, suppressed=self._suppressed, **fields)
+        self._warned_at = now
+        self._suppressed = 0
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def command(settings: Settings, args: argparse.Namespace) -> int:
+    """`token-reset listen`: serve until SIGTERM/SIGINT; 0 on an orderly stop."""
+    return await Service(settings).run()

@@ -1,0 +1,71 @@
+-- Queries of the listener (listener/ledger.py, listener/connection.py).  Each
+-- block starts with "-- name: <name>" and takes its values as $n parameters.
+
+-- name: listener_cursor_open
+-- The consumer's cursor; on its first start, created at the newest ledger id, so
+-- history written before this consumer existed is not counted as new resets.
+-- The INSERT's row is invisible to the second SELECT (same snapshot), so exactly
+-- one branch answers.
+WITH created AS (
+    INSERT INTO public.token_reset_listener_cursors (consumer, last_id)
+    SELECT $1, coalesce(max(t.id), 0) FROM public.token_transactions t
+    ON CONFLICT (consumer) DO NOTHING
+    RETURNING last_id
+)
+SELECT last_id, true AS created FROM created
+UNION ALL
+SELECT last_id, false AS created FROM public.token_reset_listener_cursors WHERE consumer = $1
+
+-- name: listener_cursor_rewind
+-- The ledger is behind the cursor (restored from a backup, failed over with loss):
+-- continue from what the ledger has actually handed out.
+UPDATE public.token_reset_listener_cursors
+   SET last_id = $2, updated_at = pg_catalog.now()
+ WHERE consumer = $1
+
+-- name: ledger_horizon
+SELECT allocated, writers, waiting FROM public.token_reset_listener_horizon($1::text[])
+
+-- name: ledger_window
+-- One window (ids $2 < id <= $3) of reset rows, aggregated per (source, period)
+-- through the partial index on reset ids, and the consumer's cursor moved to $3:
+-- one statement, so one snapshot, one round trip, and the read and the cursor
+-- commit together.  The cursor never moves backwards here (two processes
+-- misconfigured with one name must not undo each other's progress).
+-- lag_seconds is the oldest row's age at read time, on the database's clock (row
+-- times are the writing transaction's start).
+WITH saved AS (
+    INSERT INTO public.token_reset_listener_cursors AS c (consumer, last_id)
+    VALUES ($1, $3)
+    ON CONFLICT (consumer) DO UPDATE
+       SET last_id = greatest(c.last_id, excluded.last_id), updated_at = pg_catalog.now()
+)
+SELECT t.metadata ->> 'source' AS source,
+       t.metadata ->> 'period' AS period,
+       count(*) AS resets,
+       min(t.id) AS first_id,
+       max(t.id) AS last_id,
+       extract(epoch FROM max(t.created_at))::float8 AS newest_at,
+       extract(epoch FROM pg_catalog.clock_timestamp() - min(t.created_at))::float8 AS lag_seconds
+  FROM public.token_transactions t
+ WHERE t.operation = 'reset' AND t.id > $2 AND t.id <= $3
+ GROUP BY 1, 2
+ ORDER BY min(t.id)
+
+-- name: ledger_last_reset
+-- Ledger time of the newest reset, for the gauge at start (partial index, backwards).
+SELECT extract(epoch FROM t.created_at)::float8
+  FROM public.token_transactions t
+ WHERE t.operation = 'reset'
+ ORDER BY t.id DESC
+ LIMIT 1
+
+-- name: ledger_sequence_cache
+-- The horizon assumes the id sequence hands out one id at a time (CACHE 1).
+SELECT s.seqcache
+  FROM pg_catalog.pg_sequence s
+ WHERE s.seqrelid = pg_catalog.pg_get_serial_sequence('public.token_transactions', 'id')::regclass
+
+-- name: listener_probe
+-- The liveness probe: NOTIFY our own channel; the echo proves both directions work.
+SELECT pg_catalog.pg_notify('token_resets', $1)

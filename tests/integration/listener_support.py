@@ -1,0 +1,157 @@
+"""Helpers shared by the listener tests: an in-process service, users, ledger truth."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import anyio
+import asyncpg
+
+from listener.config import Settings
+from listener.metrics import RESET_SOURCES, Metrics
+from listener.service import Service
+
+CONSUMER = "listener-test"
+
+
+def settings_for(database_url: str, **overrides: Any) -> Settings:
+    """Settings for an in-process service: free port, no schedule, quick health checks."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "http_port": 0,
+        "reset_schedule": "off",
+        "listener_name": CONSUMER,
+        "probe_interval_seconds": 1.0,
+        "probe_timeout_seconds": 2.0,
+        "reconnect_max_seconds": 0.5,
+        "catchup_interval_seconds": 30.0,
+        "shutdown_timeout_seconds": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@asynccontextmanager
+async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIterator[Service]:
+    """The service running in this test's task group; stopped (and awaited) on exit."""
+    async with anyio.create_task_group() as group:
+        service: Service = await group.start(
+            Service(settings, metrics or Metrics.fresh(), handle_signals=False).run
+        )
+        try:
+            yield service
+        finally:
+            service.stop()
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]] | Callable[[], bool],
+    *,
+    within: float = 15.0,
+    what: str = "condition",
+) -> None:
+    """Poll `condition` until true; fail with `what` after `within` seconds."""
+    try:
+        with anyio.fail_after(within):
+            while True:
+                result = condition()
+                if not isinstance(result, bool):
+                    result = await result
+                if result:
+                    return
+                await anyio.sleep(0.01)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+
+
+async def ready(service: Service) -> None:
+    """Wait until the service is connected, listening and caught up."""
+    await wait_until(lambda: not service.state.not_ready(), what="service readiness")
+
+
+async def add_stale_users(conn: asyncpg.Connection, count: int, used: int = 7) -> list[UUID]:
+    """Users still carrying last period's usage (last reset the day before this period)."""
+    rows = await conn.fetch(
+        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset)"
+        " SELECT gen_random_uuid(), $2, public.token_reset_period_start() - interval '1 day'"
+        " FROM generate_series(1, $1) RETURNING user_id",
+        count,
+        used,
+    )
+    return [row["user_id"] for row in rows]
+
+
+async def reset_by_trigger(conn: asyncpg.Connection, users: list[UUID]) -> None:
+    """A write to each stale row: the row trigger resets it (source trigger)."""
+    await conn.execute(
+        "UPDATE user_tokens SET monthly_tokens_used = monthly_tokens_used + 1"
+        " WHERE user_id = ANY($1::uuid[])",
+        users,
+    )
+
+
+async def reset_by_function(conn: asyncpg.Connection, users: list[UUID]) -> None:
+    """deduct_tokens on each stale user: it resets first (source function)."""
+    for user in users:
+        await conn.execute("SELECT deduct_tokens($1, 1, 'test')", user)
+
+
+async def reset_by_bulk(conn: asyncpg.Connection) -> int:
+    """The bulk backup over everyone still stale (source bulk)."""
+    result = await conn.fetchval("SELECT (reset_monthly_tokens_for_all_users() ->> 'reset_count')")
+    return int(result)
+
+
+async def ledger_counts(conn: asyncpg.Connection) -> dict[str, int]:
+    """The truth: reset rows per source."""
+    rows = await conn.fetch(
+        "SELECT metadata ->> 'source' AS source, count(*) AS n FROM token_transactions"
+        " WHERE operation = 'reset' GROUP BY 1"
+    )
+    counts = dict.fromkeys(RESET_SOURCES, 0)
+    counts.update({row["source"]: int(row["n"]) for row in rows})
+    return counts
+
+
+def counted(metrics: Metrics) -> dict[str, int]:
+    """What the service exported: token_reset_users_total per source."""
+    registry = metrics.registry
+    return {
+        source: int(registry.get_sample_value("token_reset_users_total", {"source": source}) or 0)
+        for source in RESET_SOURCES
+    }
+
+
+def notifications(metrics: Metrics, outcome: str) -> int:
+    """token_reset_notifications_total for one outcome."""
+    value = metrics.registry.get_sample_value(
+        "token_reset_notifications_total", {"outcome": outcome}
+    )
+    return int(value or 0)
+
+
+async def wait_counts_match_ledger(
+    service: Service, conn: asyncpg.Connection, *, within: float = 15.0
+) -> dict[str, int]:
+    """Wait until the exported counters equal the ledger; returns the ledger counts."""
+    truth: dict[str, int] = {}
+
+    async def matches() -> bool:
+        truth.update(await ledger_counts(conn))
+        return counted(service.metrics) == truth
+
+    await wait_until(matches, within=within, what="counters to equal the ledger")
+    return truth
+
+
+async def force_read(service: Service, conn: asyncpg.Connection) -> None:
+    """Ring the doorbell with a valid payload and wait until the ledger was read again."""
+    before = service.ledger.reads
+    await conn.execute(
+        "SELECT pg_notify('token_resets', json_build_object("
+        "'v', 1, 'first_id', 1, 'last_id', 1, 'count', 1, 'nonce', gen_random_uuid())::text)"
+    )
+    await wait_until(lambda: service.ledger.reads > before, what="one more ledger read")

@@ -1,0 +1,112 @@
+"""Settings.from_env: documented defaults, and one clear error naming each bad variable."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from listener.config import DEFAULT_HTTP_PORT, ConfigError, Settings
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    """An empty environment gives DESIGN's defaults and no database (refused later)."""
+    settings = Settings.from_env({}, stdout_is_tty=False)
+    assert settings.database_url is None
+    assert not settings.database_configured
+    assert settings.cron_secret is None
+    assert (settings.http_host, settings.http_port) == ("127.0.0.1", DEFAULT_HTTP_PORT)
+    assert (settings.log_format, settings.log_level) == ("json", "INFO")
+    assert settings.watchdog_interval_seconds == 60.0
+    assert settings.reset_grace_seconds == 21600.0
+    assert settings.alertmanager_url is None
+    assert settings.shutdown_timeout_seconds == 10.0
+    assert settings.listener_name == socket.gethostname()
+
+
+def test_console_logs_by_default_on_a_terminal() -> None:
+    """A human at a TTY gets console rendering unless LOG_FORMAT says otherwise."""
+    assert Settings.from_env({}, stdout_is_tty=True).log_format == "console"
+    assert Settings.from_env({"LOG_FORMAT": "json"}, stdout_is_tty=True).log_format == "json"
+
+
+def test_values_are_read_and_normalised() -> None:
+    """Every variable is read; case and surrounding blanks do not matter where harmless."""
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": " postgresql://db/app ",
+            "HTTP_HOST": "::1",
+            "HTTP_PORT": "0",
+            "LOG_FORMAT": "CONSOLE",
+            "LOG_LEVEL": "debug",
+            "WATCHDOG_INTERVAL_SECONDS": "5",
+            "RESET_GRACE_SECONDS": "0",
+            "CATCHUP_INTERVAL_SECONDS": "2.5",
+            "RESET_SCHEDULE": "off",
+            "LISTENER_NAME": "replica-1",
+        }
+    )
+    assert settings.database_url == "postgresql://db/app"
+    assert (settings.http_host, settings.http_port) == ("::1", 0)
+    assert (settings.log_format, settings.log_level) == ("console", "DEBUG")
+    assert settings.watchdog_interval_seconds == 5.0
+    assert settings.reset_grace_seconds == 0.0
+    assert settings.catchup_interval_seconds == 2.5
+    assert settings.schedule_time is None
+    assert settings.listener_name == "replica-1"
+
+
+def test_libpq_variables_count_as_a_configured_database() -> None:
+    """PGHOST and friends pass through to asyncpg; they satisfy require_database."""
+    Settings.from_env({"PGHOST": "db"}).require_database()
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        Settings.from_env({}).require_database()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HTTP_PORT", "eighty"),
+        ("HTTP_PORT", "-1"),
+        ("HTTP_PORT", "65536"),
+        ("LOG_FORMAT", "xml"),
+        ("LOG_LEVEL", "LOUD"),
+        ("WATCHDOG_INTERVAL_SECONDS", "soon"),
+        ("WATCHDOG_INTERVAL_SECONDS", "0"),
+        ("WATCHDOG_INTERVAL_SECONDS", "nan"),
+        ("RESET_GRACE_SECONDS", "-5"),
+        ("RESET_GRACE_SECONDS", "inf"),
+        ("CATCHUP_INTERVAL_SECONDS", "0"),
+        ("PROBE_INTERVAL_SECONDS", "x"),
+        ("PROBE_TIMEOUT_SECONDS", "-1"),
+        ("RECONNECT_MAX_SECONDS", "never"),
+        ("SHUTDOWN_TIMEOUT_SECONDS", "0"),
+        ("BULK_BATCH_SIZE", "0"),
+        ("BULK_BATCH_SIZE", "ten"),
+        ("RESET_SCHEDULE", "25:00"),
+        ("RESET_SCHEDULE", "midnight"),
+        ("ALERTMANAGER_URL", "ftp://alerts"),
+        ("LISTENER_NAME", "x" * 201),
+        ("LISTENER_NAME", "tab\there"),
+    ],
+)
+def test_each_bad_value_is_refused_naming_its_variable(variable: str, value: str) -> None:
+    """The error message names the variable, so the operator knows what to fix."""
+    with pytest.raises(ConfigError, match=variable):
+        Settings.from_env({variable: value})
+
+
+def test_a_short_cron_secret_is_refused_without_echoing_it() -> None:
+    """A guessable secret stops the start; the message never contains the secret."""
+    settings = Settings.from_env({"CRON_SECRET": "hunter2"})
+    with pytest.raises(ConfigError, match="CRON_SECRET") as raised:
+        settings.validate_cron_secret()
+    assert "hunter2" not in str(raised.value)
+    Settings.from_env({"CRON_SECRET": "s" * 32}).validate_cron_secret()
+
+
+def test_flags_override_the_environment_and_none_means_not_given() -> None:
+    """with_overrides replaces only what a flag actually set."""
+    settings = Settings.from_env({"HTTP_PORT": "9000", "LOG_LEVEL": "WARNING"})
+    overridden = settings.with_overrides(http_port=0, log_level=None)
+    assert (overridden.http_port, overridden.log_level) == (0, "WARNING")
