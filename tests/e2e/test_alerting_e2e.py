@@ -40,6 +40,7 @@ pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]
 
 REPO = Path(__file__).resolve().parents[2]
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
+# The README quotes a page from a real run; set SAVE_ALERT_PAGE=1 to refresh it.
 PAGE_EXAMPLE = REPO / "bench" / "results" / "alert_page_example.json"
 # The alerts this test waits for, with their `for:` shortened so it runs in seconds.
 FAST_FOR = {"TokenResetMissedMonth": "1s", "TokenResetStaleUsers": "1s"}
@@ -268,8 +269,8 @@ def page_sources(bodies: list[Any]) -> set[str]:
 
 def save_page_example(page: dict[str, Any]) -> None:
     """Keep the real webhook JSON of the page for the README's excerpt."""
-    PAGE_EXAMPLE.parent.mkdir(parents=True, exist_ok=True)
-    PAGE_EXAMPLE.write_text(json.dumps(page, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if os.environ.get("SAVE_ALERT_PAGE") == "1":
+        PAGE_EXAMPLE.write_text(json.dumps(page, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def failure_report(what: str, webhook: RecordingServer, processes: list[Process]) -> str:
