@@ -43,6 +43,9 @@ class Snapshot:
     month_resets: int
     last_reset_at: datetime | None
     previous_period_had_usage: bool
+    # Read here, not only by the schedule: runs by an external cron (`token-reset
+    # reset`) and restarts with the schedule off must still move the gauge.
+    last_bulk_success_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record | Mapping[str, Any]) -> Snapshot:
@@ -54,6 +57,7 @@ class Snapshot:
             month_resets=int(row["month_resets"]),
             last_reset_at=row["last_reset_at"],
             previous_period_had_usage=bool(row["previous_period_had_usage"]),
+            last_bulk_success_at=row.get("last_bulk_success_at"),
         )
 
 
@@ -248,6 +252,8 @@ class Watchdog:
         self.metrics.month_resets.set(snapshot.month_resets)
         if snapshot.last_reset_at is not None:
             self.metrics.last_reset_timestamp.set(snapshot.last_reset_at.timestamp())
+        if snapshot.last_bulk_success_at is not None:
+            self.metrics.bulk_last_success.set(snapshot.last_bulk_success_at.timestamp())
         self.metrics.missed_month.set(1 if assessment.missed else 0)
 
     def close(self) -> None:

@@ -15,6 +15,8 @@
 --   month_resets: reset rows of this period, through the unique index that leads
 --                 with (metadata ->> 'period').
 --   last_reset_at: the newest reset row, from the partial index on reset ids.
+--   last_bulk_success_at: the newest successful bulk run, whoever ran it (the
+--                 built-in schedule, the endpoint, or `token-reset reset` in a cron).
 --   previous_period_had_usage: a reset this period or a stale user proves it for
 --                 free; only when neither exists (the quiet or the broken case) is
 --                 the deduct probe over last period's created_at range (BRIN) run.
@@ -42,6 +44,8 @@ SELECT pg_catalog.now() AS database_now,
        c.stale_users,
        c.month_resets,
        c.last_reset_at,
+       (SELECT max(r.finished_at) FROM public.token_reset_bulk_runs r
+         WHERE r.outcome = 'success') AS last_bulk_success_at,
        CASE
            WHEN c.stale_users > 0 OR c.month_resets > 0 THEN true
            ELSE EXISTS (

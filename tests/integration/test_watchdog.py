@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from listener.bulk import run_bulk_reset
 from listener.clock import utc_now
 from listener.config import Settings
 from listener.metrics import Metrics
@@ -239,3 +240,26 @@ async def test_period_boundaries_follow_the_configured_zone(
     past = await check(database_url, metrics, clock_at(start, hours=7))
     assert past.missed
     assert past.snapshot.stale_users == 2
+
+
+async def test_last_bulk_success_comes_from_the_database(
+    database_url: str, conn: asyncpg.Connection
+) -> None:
+    """A bulk run by another process (cron calling `token-reset reset`) moves this replica's
+    last-success gauge, schedule or no schedule, restart or no restart."""
+    metrics = Metrics.fresh()
+    start = await period_start(conn)
+    await check(database_url, metrics, clock_at(start, 1))
+    assert value(metrics, "token_reset_bulk_last_success_timestamp_seconds") == 0
+
+    result = await run_bulk_reset(settings_for(database_url), source="cli", metrics=None)
+    await check(database_url, metrics, clock_at(start, 1))
+
+    finished = await conn.fetchval(
+        "SELECT extract(epoch FROM finished_at)::float8 FROM token_reset_bulk_runs"
+        " WHERE run_id = $1",
+        result.run_id,
+    )
+    assert value(metrics, "token_reset_bulk_last_success_timestamp_seconds") == pytest.approx(
+        finished
+    )
