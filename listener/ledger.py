@@ -114,9 +114,13 @@ class Ledger:
         if row is None:
             raise RuntimeError(f"could not create the cursor of consumer {self.consumer!r}")
         stored = int(row["last_id"])
-        # Cursor writes commit asynchronously (see ListenConnection): a database crash
-        # may lose the last few, but this process still knows how far it counted.
-        self.cursor = stored if self.cursor is None else max(stored, self.cursor)
+        # On a reconnect the in-memory cursor wins, in both directions.  Ahead of the
+        # stored one: cursor writes commit asynchronously (see ListenConnection) and a
+        # database crash may lose the last few.  Behind it: a window's statement can
+        # commit (saving the cursor) while its reply is lost with the connection, so
+        # those rows were saved but never counted; re-reading them counts them once
+        # (the save uses greatest(), so repeating it is harmless).
+        self.cursor = stored if self.cursor is None else self.cursor
         self._pending = None
         if row["created"]:
             log.info("ledger_cursor_created", consumer=self.consumer, cursor=self.cursor)
