@@ -1,0 +1,338 @@
+"""Shared benchmark plumbing: a server, fresh migrated databases, timing, results.
+
+Every benchmark measures a contender against a bare baseline in the same run, on a
+fresh copy of the same data, several times; it reports min and median and writes a
+JSON file under bench/results/.  The server is BENCH_DATABASE_URL (a superuser URL:
+we create and drop databases on it) or an embedded PostgreSQL started in a temp dir
+with PostgreSQL's default durability (fsync and synchronous_commit on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from listener.embedded import EmbeddedPostgres, find_bindir
+from listener.migrate import apply_migrations
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Durability stays at PostgreSQL's defaults (fsync, synchronous_commit and
+# full_page_writes on).  Two sizes are raised as any production server would: with
+# the default 128MB of shared_buffers a 1M-user reset (about 400MB of heap and
+# indexes) is decided by dirty-buffer evictions, each of which may wait for a WAL
+# flush, and a larger WAL budget keeps a size-triggered checkpoint out of the timed
+# window (each measurement starts right after an explicit CHECKPOINT).
+# BENCH_PG_SETTINGS="name=value,name=value" overrides them (e.g. shared_buffers=128MB).
+EMBEDDED_SETTINGS = {
+    "shared_buffers": "1GB",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "30min",
+}
+
+REPORTED_SETTINGS = (
+    "server_version",
+    "shared_buffers",
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "wal_level",
+    "max_wal_size",
+    "checkpoint_timeout",
+)
+
+
+def with_database(url: str, database: str) -> str:
+    """The same server URL pointing at another database."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
+
+
+def unique_name(prefix: str) -> str:
+    """A database name no other run uses."""
+    return f"{prefix}_{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class BenchServer:
+    """A server on which the benchmark may create, clone and drop databases."""
+
+    admin_url: str
+    embedded: EmbeddedPostgres | None = None
+
+    async def admin(self) -> asyncpg.Connection:
+        """A connection to the maintenance database."""
+        conn: asyncpg.Connection = await asyncpg.connect(self.admin_url)
+        return conn
+
+    def url(self, database: str) -> str:
+        """URL of one database on this server."""
+        return with_database(self.admin_url, database)
+
+    async def create_database(self, name: str, template: str | None = None) -> str:
+        """Create a database, optionally a file copy of a template; returns its URL."""
+        conn = await self.admin()
+        try:
+            clause = ""
+            if template is not None:
+                clause = f" TEMPLATE {template}"
+                # FILE_COPY copies the files (and checkpoints) instead of WAL-logging
+                # every page: a 1M-row clone costs seconds, not a WAL flood.
+                if conn.get_server_version().major >= 15:
+                    clause += " STRATEGY FILE_COPY"
+            await conn.execute(f"CREATE DATABASE {name}{clause}")
+        finally:
+            await conn.close()
+        return self.url(name)
+
+    async def drop_database(self, name: str) -> None:
+        """Drop a database even if a connection still holds it."""
+        conn = await self.admin()
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    async def migrated_database(self, prefix: str) -> tuple[str, str]:
+        """A new database with every migration applied; returns (name, url)."""
+        name = unique_name(prefix)
+        url = await self.create_database(name)
+        conn = await asyncpg.connect(url)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        return name, url
+
+    async def describe(self) -> dict[str, str]:
+        """The server settings that decide write cost, for the results file."""
+        conn = await self.admin()
+        try:
+            rows = await conn.fetch(
+                "SELECT name, current_setting(name) AS value FROM pg_settings"
+                " WHERE name = ANY($1::text[])",
+                list(REPORTED_SETTINGS),
+            )
+        finally:
+            await conn.close()
+        found = {row["name"]: row["value"] for row in rows}
+        found["source"] = "embedded" if self.embedded is not None else "BENCH_DATABASE_URL"
+        return found
+
+
+@contextmanager
+def bench_server() -> Iterator[BenchServer]:
+    """BENCH_DATABASE_URL's server, or an embedded one in a temp dir, destroyed after."""
+    url = os.environ.get("BENCH_DATABASE_URL", "").strip()
+    if url:
+        yield BenchServer(admin_url=url)
+        return
+    with tempfile.TemporaryDirectory(prefix="token-reset-bench-") as tmp:
+        settings = {**EMBEDDED_SETTINGS, **_settings_from_env()}
+        server = EmbeddedPostgres(data_dir=Path(tmp) / "pgdata", settings=settings)
+        # A benchmark stopped with SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so
+        # the server below is stopped and deleted instead of left running.
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        server.start()
+        try:
+            yield BenchServer(admin_url=server.dsn, embedded=server)
+        finally:
+            server.destroy()
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    del frame
+    raise SystemExit(128 + signum)
+
+
+def _settings_from_env() -> dict[str, str]:
+    """BENCH_PG_SETTINGS as a dict: "shared_buffers=128MB,max_wal_size=1GB"."""
+    found: dict[str, str] = {}
+    for item in os.environ.get("BENCH_PG_SETTINGS", "").split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"BENCH_PG_SETTINGS item {item!r} is not name=value")
+        found[name.strip()] = value.strip()
+    return found
+
+
+def bindir() -> Path:
+    """Where pgbench and friends live (pgserver's wheel, or PATH)."""
+    return find_bindir()
+
+
+# ---------------------------------------------------------------- timing ---
+async def timed(action: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+    """Seconds one awaited action took (monotonic clock), and what it returned."""
+    started = time.perf_counter()
+    result = await action()
+    return time.perf_counter() - started, result
+
+
+def local_backend_pid(conn: asyncpg.Connection, database: str) -> int | None:
+    """The server process behind conn when it runs on this machine, else None: the pid
+    must be a postgres backend serving `database` here (a remote server's pid is not)."""
+    pid = conn.get_server_pid()
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    return pid if title.startswith("postgres:") and f" {database} " in title else None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/<pid>/stat fields from field 3 on (after the parenthesised name)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def backend_cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a local server process has used, or None when the
+    server is not on this machine.  On a shared machine CPU time moves far less
+    with other tenants' load than wall time does, so both are reported."""
+    fields = _proc_stat(pid)
+    if fields is None:
+        return None
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postmaster_pid(backend_pid: int) -> int | None:
+    """The postmaster of a local backend (its parent process), or None."""
+    fields = _proc_stat(backend_pid)
+    return None if fields is None else int(fields[1])  # ppid (field 4)
+
+
+def unreaped_children(postmaster: int) -> int:
+    """Children of the postmaster that have exited but not been reaped yet: their CPU
+    time shows in neither their own entry nor the postmaster's children total."""
+    count = 0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and fields[1] == str(postmaster) and fields[0] == "Z":
+                count += 1
+    return count
+
+
+def server_cpu_seconds(postmaster: int) -> float | None:
+    """CPU time of the whole local server: the postmaster, every live child, and the
+    children it has already reaped (backends of finished pgbench clients)."""
+    own = _proc_stat(postmaster)
+    if own is None:
+        return None
+    ticks = sum(int(v) for v in own[11:15])  # utime, stime, cutime, cstime
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _proc_stat(int(entry.name))
+        if fields is not None and fields[1] == str(postmaster):
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def summary(samples: Sequence[float]) -> dict[str, Any]:
+    """Min and median of repeated measurements, with the samples themselves."""
+    if not samples:
+        raise ValueError("no samples to summarise")
+    return {
+        "min": min(samples),
+        "median": statistics.median(samples),
+        "samples": list(samples),
+    }
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """numerator / denominator, refusing a zero baseline loudly."""
+    if denominator <= 0:
+        raise ValueError(f"baseline must be positive, got {denominator}")
+    return numerator / denominator
+
+
+def rotated(items: Sequence[str], shift: int) -> list[str]:
+    """items rotated by shift: each repetition starts with another contender, so slow
+    drift on a shared machine does not always land on the same one."""
+    if not items:
+        return []
+    shift %= len(items)
+    return [*items[shift:], *items[:shift]]
+
+
+# --------------------------------------------------------------- results ---
+def machine() -> dict[str, Any]:
+    """What the numbers ran on: cores, load (noise from other tenants), Python."""
+    return {
+        "nproc": os.cpu_count(),
+        "loadavg": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def write_results(payload: Mapping[str, Any], output: Path) -> Path:
+    """Write the results JSON (creating the folder) and return where it went."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return output
+
+
+def default_output(name: str, smoke: bool, *, patched: bool = False) -> Path:
+    """bench/results/<name>.json; smoke runs write beside it so they never clobber it,
+    and runs with a proposed SQL patch go to results/patched/, out of the plot's way."""
+    folder = RESULTS_DIR / "patched" if patched else RESULTS_DIR
+    return folder / (f"{name}.smoke.json" if smoke else f"{name}.json")
+
+
+def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    """A plain fixed-width table on stdout."""
+    cells = [[_cell(value) for value in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
+    print("  ".join("-" * w for w in widths))
+    for row in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Flags every benchmark takes: --smoke, --repetitions, --output."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny quick run (CI): checks it works, not speed"
+    )
+    parser.add_argument(
+        "--repetitions", type=int, default=None, help="measurements per contender (default 3)"
+    )
+    parser.add_argument(
+        "--output", type=Path, default=None, help="results JSON (default bench/results/)"
+    )
+    return parser

@@ -1,0 +1,95 @@
+"""Each benchmark's --smoke run still works end to end (so the benchmarks never rot).
+
+The smoke runs check that the code paths, the SQL they call and the results format
+still hold; their numbers mean nothing.  They run as subprocesses, like `python -m
+bench`, against BENCH_DATABASE_URL or an embedded server of their own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# Each smoke run is designed for < 20 s; the limit leaves room for a loaded CI machine.
+SMOKE_TIMEOUT_SECONDS = 110
+
+
+def run_smoke(module: str, output: Path, *extra: str) -> dict[str, Any]:
+    """Run `python -m bench.<module> --smoke` and return the JSON it wrote."""
+    done = subprocess.run(
+        [sys.executable, "-m", f"bench.{module}", "--smoke", "--output", str(output), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=SMOKE_TIMEOUT_SECONDS,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 0, f"{module} failed:\n{done.stdout}\n{done.stderr}"
+    result: dict[str, Any] = json.loads(output.read_text(encoding="utf-8"))
+    return result
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_SECONDS + 10)
+def test_bulk_reset_smoke_reports_every_contender_and_ratio(tmp_path: Path) -> None:
+    """The bulk reset smoke run times all four contenders and both baselines' ratios."""
+    result = run_smoke("bulk_reset", tmp_path / "bulk_reset.json")
+    assert result["smoke"] is True
+    assert result["users"] == 20_000
+    assert set(result["contenders"]) == {"function", "committing", "minimal", "bare"}
+    embedded = result["server"]["source"] == "embedded"
+    for name, data in result["contenders"].items():
+        assert data["seconds"]["min"] > 0, name
+        assert data["seconds"]["median"] >= data["seconds"]["min"], name
+        assert data["wal_bytes"]["min"] > 0, name
+        if embedded:  # the backend is a process here, so its CPU time is measured
+            assert data["cpu_seconds"]["median"] >= 0, name
+    for key in ("function/minimal", "function/bare", "committing/minimal", "minimal/bare"):
+        assert result["ratios"][key]["min"] > 0, key
+        assert result["ratios"][key]["median"] > 0, key
+    assert result["server"]["server_version"]
+    assert result["machine"]["nproc"] >= 1
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_SECONDS + 10)
+def test_write_path_smoke_reports_tps_and_both_ratios(tmp_path: Path) -> None:
+    """The write-path smoke run gets TPS from pgbench for all three workloads."""
+    result = run_smoke("write_path", tmp_path / "write_path.json")
+    assert result["smoke"] is True
+    [entry] = result["results"]
+    assert (entry["clients"], entry["synchronous_commit"]) == (2, "on")
+    assert set(entry["workloads"]) == {"deduct", "update_triggers_on", "bare"}
+    embedded = result["server"]["source"] == "embedded"
+    for name, data in entry["workloads"].items():
+        assert data["tps"]["min"] > 0, name
+        assert data["latency_ms"]["median"] > 0, name
+        if embedded:  # the server's processes are here, so their CPU time is measured
+            assert data["server_cpu_us_per_txn"]["median"] > 0, name
+    assert entry["deduct_over_bare"]["median"] > 0
+    assert entry["trigger_overhead"]["median"] < 1
+    if embedded:
+        assert entry["deduct_over_bare"]["cpu"] > 0
+    assert isinstance(entry["meets_targets"], bool)
+
+
+def test_bench_runner_discovers_every_benchmark() -> None:
+    """`python -m bench --list` finds each benchmark module (and no helper module)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=True,
+    )
+    names = done.stdout.split()
+    assert {"bulk_reset", "write_path"} <= set(names)
+    assert not {"common", "plot"} & set(names)
