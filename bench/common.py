@@ -299,7 +299,8 @@ def write_results(payload: Mapping[str, Any], output: Path) -> Path:
 
 def default_output(name: str, smoke: bool, *, patched: bool = False) -> Path:
     """bench/results/<name>.json; smoke runs write beside it so they never clobber it,
-    and runs with a proposed SQL patch go to results/patched/, out of the plot's way."""
+    and runs with a proposed SQL patch go to results/patched/ (git-ignored), out of the
+    plot's way."""
     folder = RESULTS_DIR / "patched" if patched else RESULTS_DIR
     return folder / (f"{name}.smoke.json" if smoke else f"{name}.json")
 
