@@ -11,7 +11,7 @@ import anyio
 async def wait_until(
     condition: Callable[[], bool | Awaitable[bool]],
     *,
-    deadline: float = 10.0,
+    deadline: float = 15.0,
     interval: float = 0.01,
     what: str = "condition",
 ) -> None:

@@ -25,8 +25,8 @@ from tests.integration.listener_support import (
     ledger_counts,
     reset_by_bulk,
     reset_by_trigger,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
@@ -156,7 +156,7 @@ async def test_listen_serves_counts_logs_json_and_stops_on_sigterm(
     async with listen_process(env) as listener:
         await wait_until(
             lambda: listener.find("http_listening") is not None,
-            within=START_SECONDS,
+            deadline=START_SECONDS,
             what="the http_listening event",
         )
         started = listener.find("http_listening")
@@ -167,7 +167,7 @@ async def test_listen_serves_counts_logs_json_and_stops_on_sigterm(
             async def is_ready() -> bool:
                 return (await client.get("/readyz")).status_code == 200
 
-            await wait_until(is_ready, within=START_SECONDS, what="/readyz 200")
+            await wait_until(is_ready, deadline=START_SECONDS, what="/readyz 200")
             await reset_by_trigger(conn, users[:10])
             await reset_by_bulk(conn)
             truth = await ledger_counts(conn)

@@ -90,7 +90,9 @@ async def test_sigkill_mid_burst_then_restart_counts_every_reset_exactly_once(
             first.kill()
             batches_at_kill = len(committed)
             killed.set()
-    await wait_until(lambda: listen_backend_gone(conn), what="the killed listener's backend")
+    await wait_until(
+        lambda: listen_backend_gone(conn), what="the killed listener's backend", deadline=10.0
+    )
     cursor_at_kill = await persisted_cursor(conn)
     newest_id = int(await conn.fetchval("SELECT max(id) FROM token_transactions"))
     assert 0 < cursor_at_kill < newest_id, "the kill was not mid-burst"

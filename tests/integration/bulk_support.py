@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from uuid import UUID
 
-import anyio
 import asyncpg
 
 from listener.config import Settings
@@ -50,17 +48,6 @@ async def carrying_usage(conn: asyncpg.Connection) -> int:
         "WHERE last_monthly_reset < token_reset_period_start() AND monthly_tokens_used > 0"
     )
     return value
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], *, what: str, within: float = 15.0
-) -> None:
-    """Poll a condition until it holds; fail with `what` after the deadline."""
-    deadline = time.monotonic() + within
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await anyio.sleep(0.02)
 
 
 async def bulk_waiting_on_lock(conn: asyncpg.Connection) -> bool:

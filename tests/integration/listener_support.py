@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID
@@ -13,6 +13,7 @@ import asyncpg
 from listener.config import Settings
 from listener.metrics import RESET_SOURCES, Metrics
 from listener.service import Service
+from tests.waiting import wait_until
 
 CONSUMER = "listener-test"
 
@@ -45,26 +46,6 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
             yield service
         finally:
             service.stop()
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]] | Callable[[], bool],
-    *,
-    within: float = 15.0,
-    what: str = "condition",
-) -> None:
-    """Poll `condition` until true; fail with `what` after `within` seconds."""
-    try:
-        with anyio.fail_after(within):
-            while True:
-                result = condition()
-                if not isinstance(result, bool):
-                    result = await result
-                if result:
-                    return
-                await anyio.sleep(0.01)
-    except TimeoutError:
-        raise AssertionError(f"timed out after {within}s waiting for {what}") from None
 
 
 async def ready(service: Service) -> None:
@@ -143,7 +124,7 @@ async def wait_counts_match_ledger(
         truth.update(await ledger_counts(conn))
         return counted(service.metrics) == truth
 
-    await wait_until(matches, within=within, what="counters to equal the ledger")
+    await wait_until(matches, deadline=within, what="counters to equal the ledger")
     return truth
 
 

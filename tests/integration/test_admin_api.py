@@ -26,8 +26,8 @@ from tests.integration.bulk_support import (
     runs,
     settings_for,
     unreachable_url,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -23,8 +23,8 @@ from tests.integration.listener_support import (
     running,
     settings_for,
     wait_counts_match_ledger,
-    wait_until,
 )
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

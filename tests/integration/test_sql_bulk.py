@@ -61,7 +61,9 @@ async def test_bulk_rings_once_per_batch_with_the_id_range(database_url: str) ->
         await add_stale_users(conn, 2_500)
         result = json.loads(await conn.fetchval("SELECT token_reset_bulk_all('bulk', 1000)"))
         assert result["reset_count"] == 2_500
-        await wait_until(lambda: sum(n["count"] for n in received) >= 2_500, what="doorbells")
+        await wait_until(
+            lambda: sum(n["count"] for n in received) >= 2_500, what="doorbells", deadline=10.0
+        )
         assert len(received) == 3
         assert all(n["v"] == 1 for n in received)
         ids = await conn.fetch("SELECT id FROM token_transactions WHERE operation = 'reset'")
@@ -83,7 +85,9 @@ async def test_row_trigger_resets_ring_once_per_transaction(database_url: str) -
         await conn.execute("UPDATE user_tokens SET monthly_tokens_used = monthly_tokens_used + 1")
         # A marker doorbell after the UPDATE's commit: once it arrives, all earlier ones have.
         await conn.execute("SELECT pg_notify('token_resets', 'marker')")
-        await wait_until(lambda: bool(received) and received[-1] == "marker", what="marker")
+        await wait_until(
+            lambda: bool(received) and received[-1] == "marker", what="marker", deadline=10.0
+        )
         first_id = await conn.fetchval("SELECT min(id) FROM token_transactions")
         assert len(received) == 2
         assert json.loads(received[0]) == {
@@ -130,7 +134,7 @@ async def test_per_write_notifications_can_be_turned_off(database_url: str) -> N
         await add_stale_users(conn, 10)
         await conn.execute("SELECT reset_monthly_tokens_for_all_users()")
         await conn.execute("SELECT pg_notify('token_resets', 'marker')")
-        await wait_until(lambda: "marker" in received, what="marker")
+        await wait_until(lambda: "marker" in received, what="marker", deadline=10.0)
         assert len(received) == 2
         assert json.loads(received[0])["count"] == 10
     finally:
