@@ -174,7 +174,8 @@ class EmbeddedPostgres:
         except ProcessLookupError:
             return None
         except PermissionError:
-            pass
+            # Alive, but owned by another user (the dedicated server user): running.
+            return port
         return port
 
     def start(self) -> EmbeddedPostgres:

@@ -11,6 +11,7 @@ part of the service opened it.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -122,7 +123,11 @@ class TcpProxy:
         record: ProxiedConnection | None,
         scope: anyio.CancelScope,
     ) -> None:
-        try:
+        # Either side ending (EOF, reset, closed) ends this direction; then close both,
+        # as a real proxy would.
+        with contextlib.suppress(
+            anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError
+        ):
             while True:
                 await self._gate()
                 data = await source.receive()
@@ -132,9 +137,7 @@ class TcpProxy:
                 await sink.send(data)
                 if record is not None and self._sprung(record, data):
                     self._pause()
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        scope.cancel()  # one side ended: close both, as a real proxy would
+        scope.cancel()
 
     async def _handle(self, client: anyio.abc.SocketStream) -> None:
         record = ProxiedConnection()
