@@ -30,16 +30,17 @@ from bench.common import (
     backend_cpu_seconds,
     base_parser,
     bench_server,
+    build_template,
     default_output,
     local_backend_pid,
     machine,
     print_table,
+    publish,
     ratio,
     rotated,
     summary,
     timed,
     unique_name,
-    write_results,
 )
 from listener.sql import query
 
@@ -147,24 +148,6 @@ CONTENDERS: dict[str, Contender] = {
 }
 
 
-async def build_template(server: BenchServer, users: int, patch: str | None = None) -> str:
-    """A migrated database holding `users` stale users, vacuumed, frozen and analysed."""
-    name, url = await server.migrated_database("bench_bulk_tpl")
-    conn = await asyncpg.connect(url)
-    try:
-        if patch:
-            # A proposed change (CREATE OR REPLACE ...) measured against the same baselines.
-            await conn.execute(patch)
-        await conn.execute(LOAD_USERS, users)
-        # Frozen and all-visible in the template, so no contender pays for hint bits or
-        # a visibility-map pass the others skipped.
-        await conn.execute("VACUUM (FREEZE, ANALYZE) user_tokens")
-        await conn.execute("VACUUM (FREEZE, ANALYZE) token_transactions")
-    finally:
-        await conn.close()
-    return name
-
-
 async def _table_stats(conn: asyncpg.Connection) -> tuple[int, int]:
     # Pending statistics reach the shared view only when the backend goes idle.
     if conn.get_server_version().major >= 15:
@@ -236,7 +219,7 @@ async def run(
     load_before = machine()["loadavg"]
     with bench_server() as server:
         settings = await server.describe()
-        template = await build_template(server, users, _read(patch))
+        template = await build_template(server, "bench_bulk_tpl", LOAD_USERS, users, _read(patch))
         try:
             raw: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
             for repetition in range(repetitions):
@@ -359,13 +342,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or not names:
         parser.error(f"unknown contenders {unknown}; choose from {','.join(CONTENDERS)}")
     payload = asyncio.run(run(users, repetitions, batch_size, names, args.patch))
-    payload["smoke"] = args.smoke
-    report(payload)
-    path = write_results(
-        payload, args.output or default_output(NAME, args.smoke, patched=args.patch is not None)
-    )
-    print(f"\nresults written to {path}")
-    return 0
+    output = args.output or default_output(NAME, args.smoke, patched=args.patch is not None)
+    return publish(payload, report, output, smoke=args.smoke)
 
 
 if __name__ == "__main__":

@@ -297,6 +297,43 @@ def write_results(payload: Mapping[str, Any], output: Path) -> Path:
     return output
 
 
+def publish(
+    payload: dict[str, Any],
+    report: Callable[[dict[str, Any]], None],
+    output: Path,
+    *,
+    smoke: bool,
+) -> int:
+    """The end of every benchmark's main(): print its table, write its JSON, say where."""
+    payload["smoke"] = smoke
+    report(payload)
+    path = write_results(payload, output)
+    print(f"\nresults written to {path}")
+    return 0
+
+
+async def build_template(
+    server: BenchServer, prefix: str, load_users: str, users: int, patch: str | None = None
+) -> str:
+    """A migrated database loaded by `load_users` ($1 = users), frozen and analysed.
+
+    Frozen and all-visible, so no contender cloned from it pays for hint bits or a
+    visibility-map pass the others skipped.
+    """
+    name, url = await server.migrated_database(prefix)
+    conn = await asyncpg.connect(url)
+    try:
+        if patch:
+            # A proposed change (CREATE OR REPLACE ...) measured against the same baselines.
+            await conn.execute(patch)
+        await conn.execute(load_users, users)
+        await conn.execute("VACUUM (FREEZE, ANALYZE) user_tokens")
+        await conn.execute("VACUUM (FREEZE, ANALYZE) token_transactions")
+    finally:
+        await conn.close()
+    return name
+
+
 def default_output(name: str, smoke: bool, *, patched: bool = False) -> Path:
     """bench/results/<name>.json; smoke runs write beside it so they never clobber it,
     and runs with a proposed SQL patch go to results/patched/ (git-ignored), out of the

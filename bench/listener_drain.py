@@ -36,10 +36,10 @@ from bench.common import (
     default_output,
     machine,
     print_table,
+    publish,
     ratio,
     rotated,
     summary,
-    write_results,
 )
 from bench.drain_consumers import CONSUMERS, Consumer, Drain
 from listener.logs import configure_logging
@@ -256,11 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         before = machine()
         payload = asyncio.run(run(bursts, repetitions, names))
     payload["machine"] = {**machine(), "loadavg_before": before["loadavg"]}
-    payload["smoke"] = args.smoke
-    report(payload)
-    path = write_results(payload, args.output or default_output(NAME, args.smoke))
-    print(f"\nresults written to {path}")
-    return 0
+    return publish(
+        payload, report, args.output or default_output(NAME, args.smoke), smoke=args.smoke
+    )
 
 
 if __name__ == "__main__":

@@ -43,9 +43,9 @@ from bench.common import (
     default_output,
     machine,
     print_table,
+    publish,
     summary,
     unique_name,
-    write_results,
 )
 from bench.listener_drain import ADVANCE_LEDGER_IDS, notify_burst
 from listener.embedded import free_port
@@ -306,11 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     before = machine()
     payload = asyncio.run(run(doorbells, resets, repetitions))
     payload["machine"] = {**machine(), "loadavg_before": before["loadavg"]}
-    payload["smoke"] = args.smoke
-    report(payload)
-    path = write_results(payload, args.output or default_output(NAME, args.smoke))
-    print(f"\nresults written to {path}")
-    return 0
+    return publish(
+        payload, report, args.output or default_output(NAME, args.smoke), smoke=args.smoke
+    )
 
 
 if __name__ == "__main__":

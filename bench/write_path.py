@@ -33,18 +33,19 @@ from bench.common import (
     base_parser,
     bench_server,
     bindir,
+    build_template,
     default_output,
     local_backend_pid,
     machine,
     postmaster_pid,
     print_table,
+    publish,
     ratio,
     rotated,
     server_cpu_seconds,
     summary,
     unique_name,
     unreaped_children,
-    write_results,
 )
 
 NAME = "write_path"
@@ -100,22 +101,6 @@ def pgbench_path() -> Path:
     if found is None:
         raise RuntimeError("pgbench not found: install pgserver (bench extra) or PostgreSQL")
     return Path(found)
-
-
-async def build_template(server: BenchServer, users: int, patch: str | None = None) -> str:
-    """A migrated database with `users` current (not stale) users, frozen and analysed."""
-    name, url = await server.migrated_database("bench_write_tpl")
-    conn = await asyncpg.connect(url)
-    try:
-        if patch:
-            # A proposed change (CREATE OR REPLACE ...) measured against the same baselines.
-            await conn.execute(patch)
-        await conn.execute(LOAD_USERS, users)
-        await conn.execute("VACUUM (FREEZE, ANALYZE) user_tokens")
-        await conn.execute("VACUUM (FREEZE, ANALYZE) token_transactions")
-    finally:
-        await conn.close()
-    return name
 
 
 @dataclass(frozen=True)
@@ -249,7 +234,7 @@ async def run(
     with bench_server() as server, tempfile.TemporaryDirectory(prefix="bench-pgbench-") as tmp:
         settings = await server.describe()
         scripts = write_scripts(Path(tmp))
-        template = await build_template(server, users, _read(patch))
+        template = await build_template(server, "bench_write_tpl", LOAD_USERS, users, _read(patch))
         try:
             for sync in sync_modes:
                 for repetition in range(repetitions):
@@ -411,13 +396,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(count <= 0 for count in clients) or users <= 0 or seconds <= 0:
         parser.error("users, seconds and clients must be positive")
     payload = asyncio.run(run(users, repetitions, seconds, clients, sync_modes, patch=args.patch))
-    payload["smoke"] = args.smoke
-    report(payload)
-    path = write_results(
-        payload, args.output or default_output(NAME, args.smoke, patched=args.patch is not None)
-    )
-    print(f"\nresults written to {path}")
-    return 0
+    output = args.output or default_output(NAME, args.smoke, patched=args.patch is not None)
+    return publish(payload, report, output, smoke=args.smoke)
 
 
 if __name__ == "__main__":
