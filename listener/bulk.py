@@ -11,7 +11,7 @@ batches stay whole and a rerun finishes the job.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
@@ -22,6 +22,7 @@ import asyncpg
 import structlog
 
 from listener.config import Settings
+from listener.connection import Backoff
 from listener.database import connect
 from listener.metrics import Metrics
 from listener.sql import query
@@ -37,6 +38,14 @@ CLEANUP_TIMEOUT_SECONDS = 2.0
 # update resets its row through the trigger anyway.
 LOCK_TIMEOUT = "60s"
 _MAX_ERROR_CHARS = 300
+# A batch rolled back by a serialization failure (40001) or deadlock (40P01) is tried
+# again this many times, with jittered backoff from the base up to the cap.
+MAX_RETRIES = 5
+RETRY_BASE_SECONDS = 0.05
+RETRY_CAP_SECONDS = 2.0
+# How long a lock holder may take between taking the lock and recording its run.
+HOLDER_GRACE_SECONDS = 2.0
+HOLDER_POLL_SECONDS = 0.05
 
 log = structlog.get_logger("listener.bulk")
 
@@ -106,6 +115,35 @@ class BulkResult:
         return body
 
 
+class BulkLockSquatted(RuntimeError):
+    """The bulk lock is held by a backend that is not a recorded, running bulk run."""
+
+
+async def _recorded_holder(conn: asyncpg.Connection) -> UUID | None:
+    """The run holding the bulk lock; raises when its holder is not a recorded run.
+
+    Any role that can connect can take an advisory lock.  A holder that is not a
+    running bulk run (a squatter, or a session that leaked the lock) would otherwise
+    make every caller answer "skipped" while nothing runs.  The holder takes the lock
+    and then records its run: that instant is allowed for, briefly.
+    """
+    pid: int | None = None
+    with anyio.move_on_after(HOLDER_GRACE_SECONDS):
+        while True:
+            holder = await conn.fetchrow(query("bulk_lock_holder"))
+            if holder is None:
+                return None  # released in the meantime: this call simply lost the race
+            if holder["run_id"] is not None:
+                run_id: UUID = holder["run_id"]
+                return run_id
+            pid = holder["pid"]
+            await anyio.sleep(HOLDER_POLL_SECONDS)
+    raise BulkLockSquatted(
+        f"the bulk lock is held by backend pid {pid}, which is not a recorded "
+        "bulk run: nothing ran (see pg_stat_activity for that pid)"
+    )
+
+
 def _one(row: asyncpg.Record | None, what: str) -> asyncpg.Record:
     """The single row a statement always returns; its absence is a schema mismatch."""
     if row is None:
@@ -126,6 +164,7 @@ class _Run:
     batches: int = 0
     reset_count: int = 0
     recorded: bool = False
+    retries: int = 0
     started: float = field(default_factory=time.monotonic)
 
     def elapsed_ms(self) -> int:
@@ -135,14 +174,21 @@ class _Run:
         return {
             "reset_count": self.reset_count,
             "batches": self.batches,
+            "retries": self.retries,
             "duration_ms": self.elapsed_ms(),
         }
 
     async def execute(self, conn: asyncpg.Connection) -> BulkResult:
         """Lock, record, walk the batches, final pass; or step aside."""
         if not await conn.fetchval(query("bulk_lock_try")):
-            running = await conn.fetchrow(query("bulk_running_run"))
-            other = None if running is None else running["run_id"]
+            try:
+                other = await _recorded_holder(conn)
+            except BulkLockSquatted as exc:
+                # Recorded as a failed run: status, the gauges and the alerts see it.
+                await conn.execute(
+                    query("bulk_run_refused"), self.run_id, self.source, self.slot, str(exc)
+                )
+                raise
             return await self.skip(conn, "already_running", other)
         abandoned = await conn.fetch(query("bulk_abandon_running"))
         if abandoned:
@@ -155,10 +201,10 @@ class _Run:
         await conn.execute(query("bulk_run_start"), self.run_id, self.source, self.slot)
         self.recorded = True
         after: UUID | None = None
-        while True:
-            async with conn.transaction():
-                batch = _one(await conn.fetchrow(query("bulk_batch"), after, self.size), "batch")
-                await conn.execute(query("bulk_run_progress"), self.run_id, batch["reset_count"])
+        # Nothing to do (the usual daily run after the 1st) costs one scan, no batches.
+        pending = bool(await conn.fetchval(query("bulk_pending")))
+        while pending:
+            batch = await self.retrying(conn, self._batch, after)
             self.batches += 1
             self.reset_count += batch["reset_count"]
             self.report()
@@ -167,9 +213,7 @@ class _Run:
             after = batch["last_key"]
         # The final pass (rows the batches skipped because a writer held them) and the
         # success record commit together: "success" always means the job was finished.
-        async with conn.transaction():
-            final = await conn.fetchval(query("bulk_final_pass"))
-            done = _one(await conn.fetchrow(query("bulk_run_success"), self.run_id, final), "run")
+        done = await self.retrying(conn, self._finish, None)
         self.reset_count = done["reset_count"]
         await conn.execute(query("bulk_unlock"))
         return BulkResult(
@@ -183,6 +227,48 @@ class _Run:
             period=done["period"],
             finished_epoch=done["finished_epoch"],
         )
+
+    async def _batch(self, conn: asyncpg.Connection, after: UUID | None) -> asyncpg.Record:
+        async with conn.transaction():
+            batch = _one(await conn.fetchrow(query("bulk_batch"), after, self.size), "batch")
+            await conn.execute(query("bulk_run_progress"), self.run_id, batch["reset_count"])
+        return batch
+
+    async def _finish(self, conn: asyncpg.Connection, _: UUID | None) -> asyncpg.Record:
+        async with conn.transaction():
+            final = await conn.fetchval(query("bulk_final_pass"))
+            return _one(await conn.fetchrow(query("bulk_run_success"), self.run_id, final), "run")
+
+    async def retrying(
+        self,
+        conn: asyncpg.Connection,
+        step: Callable[[asyncpg.Connection, UUID | None], Awaitable[asyncpg.Record]],
+        after: UUID | None,
+    ) -> asyncpg.Record:
+        """One transaction, tried again after a serialization failure or a deadlock.
+
+        Under `serializable` (or a deadlock with a writer) PostgreSQL rolls the batch
+        back whole, progress row included, so trying it again loses and doubles
+        nothing.  Bounded, with jittered backoff; the count lands in the run's row.
+        """
+        backoff = Backoff(base=RETRY_BASE_SECONDS, cap=RETRY_CAP_SECONDS)
+        while True:
+            try:
+                return await step(conn, after)
+            except (asyncpg.SerializationError, asyncpg.DeadlockDetectedError) as exc:
+                if backoff.attempt >= MAX_RETRIES:
+                    raise
+                self.retries += 1
+                delay = backoff.next_delay()
+                log.warning(
+                    "bulk_batch_retry",
+                    run_id=str(self.run_id),
+                    sqlstate=exc.sqlstate,
+                    attempt=backoff.attempt,
+                    delay_ms=round(delay * 1000),
+                )
+                await anyio.sleep(delay)
+                await conn.execute(query("bulk_run_retried"), self.run_id)
 
     async def skip(
         self, conn: asyncpg.Connection, reason: SkipReason, other: UUID | None
@@ -317,6 +403,8 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, asyncpg.PostgresError):
         first_line = (str(exc).splitlines() or [""])[0]
         text = f"database error {exc.sqlstate}: {first_line}"
+    elif isinstance(exc, BulkLockSquatted):
+        text = str(exc)
     elif isinstance(exc, OSError | asyncpg.InterfaceError):
         text = f"database unreachable or connection lost ({type(exc).__name__})"
     else:

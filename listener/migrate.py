@@ -17,6 +17,9 @@ from listener.sql import Migration, migrations, query
 
 log = structlog.get_logger("listener.migrate")
 
+# The first migration whose settings and privileges are derived by functions of its own.
+DERIVED_OBJECTS_SINCE = 4
+
 
 class MigrationError(RuntimeError):
     """The database's migration history does not match the migrations shipped here."""
@@ -28,6 +31,10 @@ class MigrationReport:
 
     applied: tuple[int, ...]
     current_version: int
+    # Roles the declared privileges name but the database lacks (managed PostgreSQL
+    # without CREATEROLE): their grants are applied by the first migrate after a DBA
+    # creates them.
+    missing_roles: tuple[str, ...] = ()
 
 
 async def apply_migrations(
@@ -56,9 +63,34 @@ async def apply_migrations(
             applied.append(migration.version)
             log.info("migration_applied", version=migration.version, name=migration.name)
         current = max([*history, *applied], default=0)
-        return MigrationReport(applied=tuple(applied), current_version=current)
+        missing: tuple[str, ...] = ()
+        if current >= DERIVED_OBJECTS_SINCE:
+            missing = await _apply_derived(conn)
+        return MigrationReport(
+            applied=tuple(applied), current_version=current, missing_roles=missing
+        )
     finally:
         await conn.execute(query("migration_unlock"))
+
+
+async def _apply_derived(conn: asyncpg.Connection) -> tuple[str, ...]:
+    """Regenerate what the settings row and the declared privileges imply.
+
+    The period functions and the trigger's WHEN clause spell the configured zone out,
+    and grants name roles that may appear after a migration ran; a later migration
+    that re-creates one of them from older text is put right here, in the same run.
+    """
+    async with conn.transaction():
+        await conn.execute(query("migration_apply_settings"))
+        missing = tuple(await conn.fetchval(query("migration_apply_privileges")))
+    if missing:
+        log.warning(
+            "roles_missing",
+            roles=list(missing),
+            hint="a role with CREATEROLE must create them (README: managed PostgreSQL); "
+            "their grants are applied by the next migrate",
+        )
+    return missing
 
 
 def _check_history(history: dict[int, asyncpg.Record], available: tuple[Migration, ...]) -> None:

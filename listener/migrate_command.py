@@ -33,6 +33,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
                 "success": True,
                 "applied": list(report.applied),
                 "current_version": report.current_version,
+                "missing_roles": list(report.missing_roles),
             }
         )
     )

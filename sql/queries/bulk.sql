@@ -20,13 +20,34 @@ SELECT run_id, started_at, source
  LIMIT 1
 
 -- name: bulk_abandon_running
--- Only called while holding the lock: any row still 'running' belongs to a process
--- that died mid-run (its lock went with its connection).
-UPDATE public.token_reset_bulk_runs
+-- Only called while holding the lock: a row still 'running' whose backend is gone
+-- belongs to a process that died mid-run (a runner's lock went with its connection).
+-- A committing procedure still running in its own session is left alone.
+UPDATE public.token_reset_bulk_runs r
    SET outcome = 'failure', finished_at = now(),
        error = 'abandoned: the process running it stopped before it finished'
- WHERE outcome = 'running'
+ WHERE r.outcome = 'running'
+   AND (r.pid IS NULL
+        OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = r.pid))
 RETURNING run_id
+
+-- name: bulk_lock_holder
+-- Who holds the bulk lock (any role can take an advisory lock), and whether that
+-- backend is a recorded, running bulk run.  A holder that is not is a failure, never
+-- a "skipped: success": a role squatting the key must not switch the backup off.
+SELECT l.pid,
+       (SELECT r.run_id FROM public.token_reset_bulk_runs r
+         WHERE r.outcome = 'running' AND r.pid = l.pid
+         ORDER BY r.started_at DESC LIMIT 1) AS run_id
+  FROM pg_catalog.pg_locks l
+ WHERE l.locktype = 'advisory'
+   AND l.granted
+   AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                      WHERE datname = pg_catalog.current_database())
+   AND l.classid = ((hashtext('token_reset.bulk')::bigint >> 32) & 4294967295)::oid
+   AND l.objid = (hashtext('token_reset.bulk')::bigint & 4294967295)::oid
+   AND l.objsubid = 1
+ LIMIT 1
 
 -- name: bulk_slot_done
 -- A successful scheduled run already served this slot (or a later one).
@@ -37,13 +58,18 @@ SELECT run_id
  LIMIT 1
 
 -- name: bulk_run_start
-INSERT INTO public.token_reset_bulk_runs (run_id, source, slot)
-VALUES ($1, $2, $3)
+INSERT INTO public.token_reset_bulk_runs (run_id, source, slot, pid)
+VALUES ($1, $2, $3, pg_catalog.pg_backend_pid())
+
+-- name: bulk_pending
+-- One scan that stops at the first user still carrying last period's usage: a run
+-- with nothing to do walks no batches.
+SELECT public.token_reset_bulk_pending()
 
 -- name: bulk_batch
 -- One keyset batch; the ledger's source is always 'bulk' (the run's source is
 -- recorded in token_reset_bulk_runs).
-SELECT last_key, reset_count FROM public.token_reset_bulk_batch($1, $2, 'bulk')
+SELECT last_key, reset_count FROM public.token_reset_bulk_batch($1, $2)
 
 -- name: bulk_run_progress
 -- In the same transaction as the batch it counts: the row says what was committed.
@@ -51,8 +77,12 @@ UPDATE public.token_reset_bulk_runs
    SET reset_count = reset_count + $2, batches = batches + 1
  WHERE run_id = $1
 
+-- name: bulk_run_retried
+-- A batch was rolled back by a serialization failure or deadlock and is tried again.
+UPDATE public.token_reset_bulk_runs SET retries = retries + 1 WHERE run_id = $1
+
 -- name: bulk_final_pass
-SELECT public.token_reset_bulk_final_pass('bulk')
+SELECT public.token_reset_bulk_final_pass()
 
 -- name: bulk_run_success
 -- Dates come from the database, in the zone that defines the period.
@@ -74,6 +104,13 @@ UPDATE public.token_reset_bulk_runs
 INSERT INTO public.token_reset_bulk_runs
        (run_id, source, slot, outcome, finished_at, error)
 VALUES ($1, $2, $3, 'skipped', now(), $4)
+
+-- name: bulk_run_refused
+-- The lock is held by something that is not a recorded run: nothing ran, and that is
+-- a failure, never a skip.
+INSERT INTO public.token_reset_bulk_runs
+       (run_id, source, slot, outcome, finished_at, error)
+VALUES ($1, $2, $3, 'failure', now(), $4)
 
 -- name: bulk_period
 SELECT public.token_reset_period_label(now()) AS period,

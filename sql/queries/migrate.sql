@@ -21,3 +21,11 @@ SELECT version, name, checksum FROM public.token_reset_migrations ORDER BY versi
 
 -- name: migration_record
 INSERT INTO public.token_reset_migrations (version, name, checksum) VALUES ($1, $2, $3)
+
+-- name: migration_apply_settings
+-- The zone-bearing functions and trigger, regenerated from the settings row.
+SELECT public.token_reset_apply_settings()
+
+-- name: migration_apply_privileges
+-- The declared privileges, applied again; returns the roles that do not exist.
+SELECT public.token_reset_apply_privileges()

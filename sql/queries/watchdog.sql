@@ -5,10 +5,11 @@
 -- Everything the watchdog judges, in one statement (one snapshot, one round trip).
 -- The period boundaries come from the database's clock and configured zone; how far
 -- into the period "now" is, the listener decides with its own (injectable) clock.
--- The period expressions are written out in each subquery (not passed down from a
--- CTE) so the planner folds them to constants and estimates row counts from them:
--- with a real estimate it counts this period's resets with a bitmap scan instead of
--- one random heap visit per row.
+-- The period label is written out in the subquery that counts this period's resets
+-- (not passed down from a CTE) so the planner estimates the row count from it: with a
+-- real estimate it uses a bitmap scan instead of one random heap visit per row.  The
+-- period start, an expression of several time-zone conversions, is a scalar subquery
+-- wherever it filters rows, so it is computed once and not once per row.
 --   stale_users:  users still carrying a previous period's usage.  A sequential scan
 --                 of user_tokens: the reset columns are deliberately unindexed so a
 --                 reset stays a HOT update.
@@ -25,7 +26,7 @@
 WITH counts AS MATERIALIZED (
     SELECT (SELECT count(*)
               FROM public.user_tokens u
-             WHERE u.last_monthly_reset < public.token_reset_period_start()
+             WHERE u.last_monthly_reset < (SELECT public.token_reset_period_start())
                AND u.monthly_tokens_used > 0) AS stale_users,
            (SELECT count(*)
               FROM public.token_transactions t
@@ -56,7 +57,7 @@ SELECT pg_catalog.now() AS database_now,
                           pg_catalog.timezone(public.token_reset_zone(),
                                               public.token_reset_period_start())
                           - interval '1 month')
-                  AND t.created_at < public.token_reset_period_start()
+                  AND t.created_at < (SELECT public.token_reset_period_start())
                   AND t.operation = 'deduct')
        END AS previous_period_had_usage
   FROM counts c

@@ -30,7 +30,8 @@ async def test_unknown_user_is_refused(conn: asyncpg.Connection) -> None:
     with pytest.raises(asyncpg.NoDataFoundError, match="unknown user"):
         await conn.fetchval("SELECT check_token_rate_limit($1, 1)", stranger)
     assert await snapshot(conn) == before
-    assert await conn.fetchval("SELECT reset_user_tokens_if_needed($1)", stranger) is False
+    with pytest.raises(asyncpg.NoDataFoundError, match="unknown user"):
+        await conn.fetchval("SELECT reset_user_tokens_if_needed($1)", stranger)
 
 
 @pytest.mark.parametrize("amount", [0, -1, -500])

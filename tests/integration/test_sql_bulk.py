@@ -59,7 +59,7 @@ async def test_bulk_rings_once_per_batch_with_the_id_range(database_url: str) ->
             "token_resets", lambda *args: received.append(json.loads(args[3]))
         )
         await add_stale_users(conn, 2_500)
-        result = json.loads(await conn.fetchval("SELECT token_reset_bulk_all('bulk', 1000)"))
+        result = json.loads(await conn.fetchval("SELECT token_reset_bulk_all(1000)"))
         assert result["reset_count"] == 2_500
         await wait_until(
             lambda: sum(n["count"] for n in received) >= 2_500, what="doorbells", deadline=10.0
@@ -165,7 +165,7 @@ async def test_concurrent_bulk_runs_and_deductions(database_url: str) -> None:
     async def bulk() -> None:
         conn = await asyncpg.connect(database_url)
         try:
-            await conn.fetchval("SELECT token_reset_bulk_all('bulk', 50)")
+            await conn.fetchval("SELECT token_reset_bulk_all(50)")
         finally:
             await conn.close()
 
@@ -195,15 +195,22 @@ async def test_concurrent_bulk_runs_and_deductions(database_url: str) -> None:
 
 
 async def test_rerun_after_data_moves_back_a_period(conn: asyncpg.Connection) -> None:
-    """Moving every user back a period (tests, restores) makes them stale again, and a bulk
-    run clears them; the unique index keeps one ledger row per user and period."""
+    """Moving users already reset this period back a period does not re-open their reset:
+    a bulk run makes them current with their usage kept and writes no second row, so the
+    run's count, the ledger and the usage agree (one clear, one row)."""
     await add_stale_users(conn, 100, used=3)
     await conn.fetchval("SELECT reset_monthly_tokens_for_all_users()")
     assert await make_stale(conn, used=9) == 100
     again = json.loads(await conn.fetchval("SELECT reset_monthly_tokens_for_all_users()"))
-    assert again["reset_count"] == 100
+    assert again["reset_count"] == 0
     assert (
         await conn.fetchval("SELECT count(*) FROM token_transactions WHERE operation = 'reset'")
         == 100
     )
-    assert await conn.fetchval("SELECT sum(monthly_tokens_used) FROM user_tokens") == 0
+    assert await conn.fetchval("SELECT sum(monthly_tokens_used) FROM user_tokens") == 900
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM user_tokens WHERE last_monthly_reset < token_reset_period_start()"
+        )
+        == 0
+    )

@@ -202,7 +202,7 @@ async def test_one_reset_per_user_per_period_is_enforced_by_an_index(
         await conn.execute(
             "INSERT INTO token_transactions (user_id, operation, feature, amount, metadata)"
             " VALUES ($1, 'reset', 'monthly_rollover', 1,"
-            " jsonb_build_object('period', token_reset_period_label(now())))",
+            " token_reset_reset_metadata(token_reset_period_label(now()), 1, 'function'))",
             user,
         )
 
@@ -214,7 +214,10 @@ async def test_ledger_constraints_refuse_bad_rows(conn: asyncpg.Connection) -> N
         ("refund", 1, '{"period": "2026-01"}'),
         ("deduct", -1, None),
         ("reset", 1, '{"source": "bulk"}'),
-        ("reset", 1, '{"period": "2026-13"}'),
+        ("reset", 1, '{"period": "2026-13", "source": "bulk"}'),
+        # The source is a closed set (the listener labels metrics with it).
+        ("reset", 1, '{"period": "2026-01", "source": "' + "x" * 10_000 + '"}'),
+        ("reset", 1, '{"period": "2026-01"}'),
     ]
     for operation, amount, metadata in bad_rows:
         with pytest.raises(asyncpg.CheckViolationError):
