@@ -19,11 +19,13 @@ Every wait has a deadline.  SIGINT/SIGTERM stop the service, then the embedded s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import secrets
 import signal
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -39,12 +41,19 @@ from listener.config import MIN_CRON_SECRET_LENGTH, Settings
 from listener.database import connect
 from listener.demo_scrape import Reading, Timeline, WaitTimeout, describe, http
 from listener.demo_story import Population, plan_population, summary_lines
-from listener.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from listener.embedded import (
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    blocking_directory,
+    choose_server_user,
+    private_data_root,
+)
 from listener.logs import configure_logging
 from listener.migrate import apply_migrations
 from listener.service import Service
 from listener.sql import query
 
+DEFAULT_DATA_DIR = Path(".token-reset") / "demo-pgdata"
 DEMO_DATABASE = "token_reset_demo"  # the name sql/queries/demo.sql drops and creates
 MAX_USERS = 100_000
 WAIT_SECONDS = 30.0  # each wait on the service (ready, alert raised, metrics caught up)
@@ -71,9 +80,10 @@ def say(text: str) -> None:
 class Demo:
     """One demo run: embedded server, fresh database, service, story, summary."""
 
-    def __init__(self, settings: Settings, args: argparse.Namespace) -> None:
+    def __init__(self, settings: Settings, args: argparse.Namespace, data_dir: Path) -> None:
         self.settings = settings
         self.args = args
+        self.data_dir = data_dir
         self.started = time.monotonic()
         # A signal cancels the whole run while setting up; once the service runs, only
         # the story, so the service stops in order (service.stop()) before the server.
@@ -95,7 +105,7 @@ class Demo:
 
     async def run(self) -> int:
         """The whole demo; returns the exit code."""
-        server = EmbeddedPostgres(data_dir=Path(self.args.data_dir))
+        server = EmbeddedPostgres(data_dir=self.data_dir)
         failed = False
         try:
             with self.scope:
@@ -327,9 +337,40 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
     if getattr(args, "log_format", None) is None and "LOG_FORMAT" not in os.environ:
         # The demo shows the JSON lines an SRE's pipeline would see, on a terminal too.
         configure_logging("json", settings.log_level, stream=sys.stdout)
-    demo = Demo(settings, args)
-    async with anyio.create_task_group() as group:
-        await group.start(demo.watch_signals)
-        code = await demo.run()
-        group.cancel_scope.cancel()
+    with contextlib.ExitStack() as stack:
+        try:
+            data_dir = choose_data_dir(args.data_dir, stack)
+        except EmbeddedPostgresError as exc:
+            print(f"token-reset demo: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        demo = Demo(settings, args, data_dir)
+        async with anyio.create_task_group() as group:
+            await group.start(demo.watch_signals)
+            code = await demo.run()
+            group.cancel_scope.cancel()
     return code
+
+
+def choose_data_dir(explicit: Path | None, stack: contextlib.ExitStack) -> Path:
+    """Where this run's throwaway cluster lives, without changing any directory's mode.
+
+    An explicit --data-dir is used or refused (EmbeddedPostgresError, one line).  The
+    default under the current directory is used when the server user can reach it (as
+    root, a 0700 home directory is in the way); otherwise the run moves to a private
+    directory it creates, says so in one line, and removes it at exit (`stack`).
+    """
+    if explicit is not None:
+        EmbeddedPostgres(data_dir=explicit).server_user()
+        return explicit
+    user = choose_server_user(DEFAULT_DATA_DIR)
+    blocked = blocking_directory(DEFAULT_DATA_DIR, user)
+    if user is None or blocked is None:
+        return DEFAULT_DATA_DIR
+    root = stack.enter_context(private_data_root("token-reset-demo-"))
+    say(
+        f"the server user {user.name} cannot enter {blocked} "
+        f"(mode {stat.S_IMODE(blocked.stat().st_mode):04o}) above {DEFAULT_DATA_DIR.resolve()}, "
+        f"and the demo changes no permissions: this run keeps its data in {root} "
+        "(removed at exit)"
+    )
+    return root / "pgdata"

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from listener.embedded import private_data_root
 
 pytestmark = pytest.mark.acceptance
 
@@ -30,12 +30,11 @@ UNREACHABLE_DATABASE = "postgresql://nobody@127.0.0.1:1/nothing"
 def data_dir() -> Iterator[Path]:
     """The embedded server's data directory, outside pytest's basetemp.
 
-    As root the server runs as another user who needs search permission on every
-    ancestor, and a concurrent pytest session resets its basetemp to mode 0700.
+    As root the server runs as another user who must be able to enter every directory
+    above it, and pytest's basetemp is 0700 (the demo changes no permissions).
     """
-    root = Path(tempfile.mkdtemp(prefix="token-reset-demo-test-"))
-    yield root / "pgdata"
-    shutil.rmtree(root, ignore_errors=True)
+    with private_data_root("token-reset-demo-test-") as root:
+        yield root / "pgdata"
 
 
 def demo_env() -> dict[str, str]:
