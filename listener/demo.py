@@ -44,6 +44,7 @@ from listener.demo_story import Population, plan_population, summary_lines
 from listener.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
+    VersionMismatch,
     blocking_directory,
     choose_server_user,
     private_data_root,
@@ -354,17 +355,32 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
 def choose_data_dir(explicit: Path | None, stack: contextlib.ExitStack) -> Path:
     """Where this run's throwaway cluster lives, without changing any directory's mode.
 
-    An explicit --data-dir is used or refused (EmbeddedPostgresError, one line).  The
-    default under the current directory is used when the server user can reach it (as
-    root, a 0700 home directory is in the way); otherwise the run moves to a private
-    directory it creates, says so in one line, and removes it at exit (`stack`).
+    An explicit --data-dir is used or refused (EmbeddedPostgresError, one line): a
+    directory the user named is never deleted, even one of another PostgreSQL version.
+    The default under the current directory is the demo's own: when its cluster is of
+    another major version (the binaries were upgraded), it is deleted and made anew,
+    in one line.  It is used when the server user can reach it (as root, a 0700 home
+    directory is in the way); otherwise the run moves to a private directory it
+    creates, says so in one line, and removes it at exit (`stack`).
     """
     if explicit is not None:
-        EmbeddedPostgres(data_dir=explicit).server_user()
+        server = EmbeddedPostgres(data_dir=explicit)
+        server.server_user()
+        server.check_version()
         return explicit
     user = choose_server_user(DEFAULT_DATA_DIR)
     blocked = blocking_directory(DEFAULT_DATA_DIR, user)
     if user is None or blocked is None:
+        server = EmbeddedPostgres(data_dir=DEFAULT_DATA_DIR)
+        try:
+            server.check_version()
+        except VersionMismatch as exc:
+            say(
+                f"{exc.data_dir} holds a PostgreSQL {exc.data_version} cluster and the "
+                f"binaries are PostgreSQL {exc.binaries_version}: the demo's data is "
+                "throwaway, starting fresh"
+            )
+            server.destroy()
         return DEFAULT_DATA_DIR
     root = stack.enter_context(private_data_root("token-reset-demo-"))
     say(

@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import os
 import pwd
+import re
 import shutil
 import socket
 import stat
@@ -46,6 +47,22 @@ _START_TIMEOUT_SECONDS = 60
 
 class EmbeddedPostgresError(RuntimeError):
     """The embedded server could not be found, initialised or started."""
+
+
+class VersionMismatch(EmbeddedPostgresError):
+    """The data directory was initialised by another major version than the binaries."""
+
+    def __init__(self, data_dir: Path, data_version: str, binaries_version: str) -> None:
+        self.data_dir = data_dir
+        self.data_version = data_version
+        self.binaries_version = binaries_version
+        super().__init__(
+            f"{data_dir} holds a PostgreSQL {data_version} cluster but the embedded "
+            f"binaries are PostgreSQL {binaries_version}; it was left untouched: pass "
+            f"another --data-dir for a new cluster, set TOKEN_RESET_PG_BINDIR to "
+            f"PostgreSQL {data_version}'s bin directory to use it, or upgrade it with "
+            f"pg_upgrade"
+        )
 
 
 def find_bindir() -> Path:
@@ -253,6 +270,41 @@ class EmbeddedPostgres:
         """True when data_dir already holds a cluster."""
         return (self.data_dir / "PG_VERSION").exists()
 
+    def binaries_version(self) -> str:
+        """The binaries' major version as PG_VERSION spells it ("16"; "9.6" before 10)."""
+        try:
+            out = subprocess.run(
+                [str(self.bindir / "postgres"), "--version"],
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=_START_TIMEOUT_SECONDS,
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise EmbeddedPostgresError(f"cannot run {self.bindir / 'postgres'}: {exc}") from None
+        found = re.search(r"\(PostgreSQL\) (\d+)(?:\.(\d+))?", out)
+        if found is None:
+            raise EmbeddedPostgresError(f"unexpected `postgres --version` output: {out.strip()}")
+        major, minor = found.groups()
+        return major if int(major) >= 10 else f"{major}.{minor}"
+
+    def check_version(self) -> None:
+        """Raise VersionMismatch when data_dir's cluster is of another major version.
+
+        PostgreSQL would refuse to start it anyway, but only in its own log, after
+        which pg_ctl reports a missing PID file; this says what happened first.
+        A server already running on data_dir is adopted whatever its version.
+        """
+        try:
+            data_version = (self.data_dir / "PG_VERSION").read_text().strip()
+        except FileNotFoundError:
+            return
+        if self.running_port() is not None:
+            return
+        binaries_version = self.binaries_version()
+        if data_version != binaries_version:
+            raise VersionMismatch(self.data_dir, data_version, binaries_version)
+
     def init(self) -> bool:
         """Create the cluster if missing; returns True when it created one."""
         if self.initialised():
@@ -324,6 +376,7 @@ class EmbeddedPostgres:
         if existing is not None:
             self.port = existing
             return self
+        self.check_version()
         if not self.port:
             self.port = free_port()
         options = [f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories=''"]
