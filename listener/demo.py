@@ -147,7 +147,7 @@ class Demo:
         await self._prepare(server.dsn, dsn, population)
         say(
             f"{population.total} users: {len(population.stale)} with last month's usage, "
-            f"{len(population.idle)} stale with none, {len(population.current)} current"
+            f"{len(population.idle)} untouched at 0 used, {len(population.current)} current"
         )
         secret = self.settings.cron_secret or ""
         shown_bearer = "$CRON_SECRET"
