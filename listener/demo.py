@@ -11,8 +11,10 @@ The story, on a fresh database every run (same seed, same numbers):
 4. the metrics catch up (`token_reset_users_total` = users reset, the alert clears),
    and a human summary with the URLs.
 
-The service's JSON log lines stream to stdout as they happen; the demo's own lines
-start with "demo:" and the summary is a plain block, so `grep '^{'` keeps the JSON.
+On a terminal the service's log lines are console-rendered and only warnings and
+errors show, so the story's "demo:" lines and the summary are what a person reads;
+with LOG_FORMAT=json (or --log-format json), or when stdout is not a terminal, the
+service's JSON lines stream to stdout as they happen and `grep '^{'` keeps them.
 Every wait has a deadline.  SIGINT/SIGTERM stop the service, then the embedded server.
 """
 
@@ -34,12 +36,13 @@ from typing import Any
 
 import anyio
 import asyncpg
+import httpx
 from anyio.abc import TaskStatus
 
 from listener.admin_api import RESET_PATH
 from listener.config import MIN_CRON_SECRET_LENGTH, Settings
 from listener.database import connect
-from listener.demo_scrape import Reading, Timeline, WaitTimeout, describe, http
+from listener.demo_scrape import Reading, Timeline, WaitTimeout, demo_client, describe, http
 from listener.demo_story import Population, plan_population, summary_lines
 from listener.embedded import (
     EmbeddedPostgres,
@@ -196,9 +199,24 @@ class Demo:
         self, base: str, population: Population, dsn: str, secret: str, shown_bearer: str
     ) -> None:
         """Steps 2-4 of the story, then the summary (and --json-summary's file)."""
-        timeline = Timeline(f"{base}/metrics", started=self.started)
+        async with demo_client() as client:
+            await self._story(
+                client, base, population, dsn=dsn, secret=secret, shown_bearer=shown_bearer
+            )
+
+    async def _story(
+        self,
+        client: httpx.AsyncClient,
+        base: str,
+        population: Population,
+        *,
+        dsn: str,
+        secret: str,
+        shown_bearer: str,
+    ) -> None:
+        timeline = Timeline(f"{base}/metrics", client, started=self.started)
         async with anyio.create_task_group() as recorder:
-            await self._wait_ready(f"{base}/readyz")
+            await self._wait_ready(client, f"{base}/readyz")
             timeline.mark("listener_ready")
             recorder.start_soon(timeline.record, SCRAPE_SECONDS)
             say(f"listener ready: {base}/metrics, {base}/readyz")
@@ -218,7 +236,7 @@ class Demo:
             )
             timeline.mark("bulk_endpoint")
             status, body = await http(
-                "POST", f"{base}{RESET_PATH}", {"Authorization": f"Bearer {secret}"}
+                client, "POST", f"{base}{RESET_PATH}", {"Authorization": f"Bearer {secret}"}
             )
             say(f"POST {RESET_PATH} -> {status} {body}")
             if status != 200:
@@ -251,12 +269,12 @@ class Demo:
             )
             say(f"time series written to {path}")
 
-    async def _wait_ready(self, url: str) -> None:
+    async def _wait_ready(self, client: httpx.AsyncClient, url: str) -> None:
         last = "no answer yet"
         with anyio.move_on_after(WAIT_SECONDS):
             while True:
                 try:
-                    status, body = await http("GET", url)
+                    status, body = await http(client, "GET", url)
                 except OSError as exc:
                     last = str(exc)
                 else:
@@ -335,9 +353,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     if settings.database_url is not None:
         say("ignoring DATABASE_URL: the demo always runs its own embedded PostgreSQL")
-    if getattr(args, "log_format", None) is None and "LOG_FORMAT" not in os.environ:
-        # The demo shows the JSON lines an SRE's pipeline would see, on a terminal too.
-        configure_logging("json", settings.log_level, stream=sys.stdout)
+    quiet_terminal(settings, args)
     with contextlib.ExitStack() as stack:
         try:
             data_dir = choose_data_dir(args.data_dir, stack)
@@ -350,6 +366,21 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
             code = await demo.run()
             group.cancel_scope.cancel()
     return code
+
+
+def quiet_terminal(settings: Settings, args: argparse.Namespace) -> None:
+    """On a terminal, keep the story readable: console lines, the service's at WARNING.
+
+    The format is already console on a terminal and JSON elsewhere (LOG_FORMAT and
+    --log-format win).  Left at INFO, some forty service lines would bury the story's
+    dozen, so a terminal shows only warnings and errors (the missed-reset alert is an
+    error, so it shows) unless LOG_LEVEL or --log-level asks for more.
+    """
+    level_asked = getattr(args, "log_level", None) is not None or "LOG_LEVEL" in os.environ
+    if settings.log_format != "console" or not sys.stdout.isatty() or level_asked:
+        return
+    configure_logging("console", "WARNING", stream=sys.stdout)
+    say("service log lines below WARNING are hidden here: LOG_LEVEL=INFO shows them")
 
 
 def choose_data_dir(explicit: Path | None, stack: contextlib.ExitStack) -> Path:
