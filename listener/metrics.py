@@ -46,7 +46,11 @@ LAG_BUCKETS: Final = (
 
 
 class Metrics:
-    """Every metric the service exports (names are DESIGN.md section 4's contract)."""
+    """Every metric the service exports.
+
+    Names, types and labels are a contract with deploy/prometheus/rules.yml, the
+    Grafana dashboard and README.md's metrics table; tests/unit/test_metrics.py pins it.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry

@@ -1,4 +1,4 @@
-"""The exported metrics are DESIGN.md section 4's contract: names, types, labels."""
+"""The exported metrics are a contract (rules, dashboard, README): names, types, labels."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from listener.metrics import (
     metric_names,
 )
 
-# Copied from DESIGN.md section 4, not derived from the code under test.
+# Written out here, not derived from the code under test: what deploy/prometheus/rules.yml,
+# deploy/grafana/token-reset.json and README.md's metrics table rely on.
 CONTRACT = {
     "token_reset_users_total": ("counter", {"source"}),
     "token_reset_last_reset_timestamp_seconds": ("gauge", set()),
