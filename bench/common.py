@@ -15,7 +15,6 @@ import os
 import platform
 import signal
 import statistics
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
@@ -27,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from listener.embedded import EmbeddedPostgres, find_bindir
+from listener.embedded import EmbeddedPostgres, find_bindir, private_data_root
 from listener.migrate import apply_migrations
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -142,9 +141,10 @@ def bench_server() -> Iterator[BenchServer]:
     if url:
         yield BenchServer(admin_url=url)
         return
-    with tempfile.TemporaryDirectory(prefix="token-reset-bench-") as tmp:
+    # As root, a directory the server user can reach without opening anyone else's.
+    with private_data_root("token-reset-bench-") as tmp:
         settings = {**EMBEDDED_SETTINGS, **_settings_from_env()}
-        server = EmbeddedPostgres(data_dir=Path(tmp) / "pgdata", settings=settings)
+        server = EmbeddedPostgres(data_dir=tmp / "pgdata", settings=settings)
         # A benchmark stopped with SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so
         # the server below is stopped and deleted instead of left running.
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)

@@ -61,7 +61,7 @@ from bench.common import (
     write_results,
 )
 from listener.config import Settings
-from listener.embedded import EmbeddedPostgres
+from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.logs import configure_logging
 from listener.payload import CHANNEL
 from listener.service import Service
@@ -151,8 +151,8 @@ def lag_server() -> Iterator[BenchServer]:
         yield BenchServer(admin_url=url)
         return
     settings = {**EMBEDDED_SETTINGS, "track_commit_timestamp": "on"}
-    with tempfile.TemporaryDirectory(prefix="token-reset-lag-") as tmp:
-        server = EmbeddedPostgres(data_dir=Path(tmp) / "pgdata", settings=settings)
+    with private_data_root("token-reset-lag-") as tmp:
+        server = EmbeddedPostgres(data_dir=tmp / "pgdata", settings=settings)
         server.start()
         try:
             yield BenchServer(admin_url=server.dsn, embedded=server)

@@ -86,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="embedded Postgres + listener + a simulated month rollover")
     common(demo, embedded=False)
-    demo.add_argument("--data-dir", type=Path, default=Path(".token-reset") / "demo-pgdata")
+    demo.add_argument(
+        "--data-dir",
+        type=Path,
+        help="throwaway data directory (default .token-reset/demo-pgdata, or a private "
+        "temporary one when the server user cannot reach that)",
+    )
     demo.add_argument("--http-port", type=int, help="default: a free port")
     demo.add_argument("--users", type=int, default=300, help="users to create (default 300)")
     demo.add_argument("--once", action="store_true", help="exit 0 after the summary")

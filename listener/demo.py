@@ -11,19 +11,23 @@ The story, on a fresh database every run (same seed, same numbers):
 4. the metrics catch up (`token_reset_users_total` = users reset, the alert clears),
    and a human summary with the URLs.
 
-The service's JSON log lines stream to stdout as they happen; the demo's own lines
-start with "demo:" and the summary is a plain block, so `grep '^{'` keeps the JSON.
+On a terminal the service's log lines are console-rendered and only warnings and
+errors show, so the story's "demo:" lines and the summary are what a person reads;
+with LOG_FORMAT=json (or --log-format json), or when stdout is not a terminal, the
+service's JSON lines stream to stdout as they happen and `grep '^{'` keeps them.
 Every wait has a deadline.  SIGINT/SIGTERM stop the service, then the embedded server.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import secrets
 import signal
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -32,19 +36,28 @@ from typing import Any
 
 import anyio
 import asyncpg
+import httpx
 from anyio.abc import TaskStatus
 
 from listener.admin_api import RESET_PATH
 from listener.config import MIN_CRON_SECRET_LENGTH, Settings
 from listener.database import connect
-from listener.demo_scrape import Reading, Timeline, WaitTimeout, describe, http
+from listener.demo_scrape import Reading, Timeline, WaitTimeout, demo_client, describe, http
 from listener.demo_story import Population, plan_population, summary_lines
-from listener.embedded import EmbeddedPostgres, EmbeddedPostgresError
+from listener.embedded import (
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    VersionMismatch,
+    blocking_directory,
+    choose_server_user,
+    private_data_root,
+)
 from listener.logs import configure_logging
 from listener.migrate import apply_migrations
 from listener.service import Service
 from listener.sql import query
 
+DEFAULT_DATA_DIR = Path(".token-reset") / "demo-pgdata"
 DEMO_DATABASE = "token_reset_demo"  # the name sql/queries/demo.sql drops and creates
 MAX_USERS = 100_000
 WAIT_SECONDS = 30.0  # each wait on the service (ready, alert raised, metrics caught up)
@@ -71,9 +84,10 @@ def say(text: str) -> None:
 class Demo:
     """One demo run: embedded server, fresh database, service, story, summary."""
 
-    def __init__(self, settings: Settings, args: argparse.Namespace) -> None:
+    def __init__(self, settings: Settings, args: argparse.Namespace, data_dir: Path) -> None:
         self.settings = settings
         self.args = args
+        self.data_dir = data_dir
         self.started = time.monotonic()
         # A signal cancels the whole run while setting up; once the service runs, only
         # the story, so the service stops in order (service.stop()) before the server.
@@ -95,7 +109,7 @@ class Demo:
 
     async def run(self) -> int:
         """The whole demo; returns the exit code."""
-        server = EmbeddedPostgres(data_dir=Path(self.args.data_dir))
+        server = EmbeddedPostgres(data_dir=self.data_dir)
         failed = False
         try:
             with self.scope:
@@ -136,7 +150,7 @@ class Demo:
         await self._prepare(server.dsn, dsn, population)
         say(
             f"{population.total} users: {len(population.stale)} with last month's usage, "
-            f"{len(population.idle)} stale with none, {len(population.current)} current"
+            f"{len(population.idle)} untouched at 0 used, {len(population.current)} current"
         )
         secret = self.settings.cron_secret or ""
         shown_bearer = "$CRON_SECRET"
@@ -185,9 +199,24 @@ class Demo:
         self, base: str, population: Population, dsn: str, secret: str, shown_bearer: str
     ) -> None:
         """Steps 2-4 of the story, then the summary (and --json-summary's file)."""
-        timeline = Timeline(f"{base}/metrics", started=self.started)
+        async with demo_client() as client:
+            await self._story(
+                client, base, population, dsn=dsn, secret=secret, shown_bearer=shown_bearer
+            )
+
+    async def _story(
+        self,
+        client: httpx.AsyncClient,
+        base: str,
+        population: Population,
+        *,
+        dsn: str,
+        secret: str,
+        shown_bearer: str,
+    ) -> None:
+        timeline = Timeline(f"{base}/metrics", client, started=self.started)
         async with anyio.create_task_group() as recorder:
-            await self._wait_ready(f"{base}/readyz")
+            await self._wait_ready(client, f"{base}/readyz")
             timeline.mark("listener_ready")
             recorder.start_soon(timeline.record, SCRAPE_SECONDS)
             say(f"listener ready: {base}/metrics, {base}/readyz")
@@ -207,7 +236,7 @@ class Demo:
             )
             timeline.mark("bulk_endpoint")
             status, body = await http(
-                "POST", f"{base}{RESET_PATH}", {"Authorization": f"Bearer {secret}"}
+                client, "POST", f"{base}{RESET_PATH}", {"Authorization": f"Bearer {secret}"}
             )
             say(f"POST {RESET_PATH} -> {status} {body}")
             if status != 200:
@@ -240,12 +269,12 @@ class Demo:
             )
             say(f"time series written to {path}")
 
-    async def _wait_ready(self, url: str) -> None:
+    async def _wait_ready(self, client: httpx.AsyncClient, url: str) -> None:
         last = "no answer yet"
         with anyio.move_on_after(WAIT_SECONDS):
             while True:
                 try:
-                    status, body = await http("GET", url)
+                    status, body = await http(client, "GET", url)
                 except OSError as exc:
                     last = str(exc)
                 else:
@@ -324,12 +353,71 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     if settings.database_url is not None:
         say("ignoring DATABASE_URL: the demo always runs its own embedded PostgreSQL")
-    if getattr(args, "log_format", None) is None and "LOG_FORMAT" not in os.environ:
-        # The demo shows the JSON lines an SRE's pipeline would see, on a terminal too.
-        configure_logging("json", settings.log_level, stream=sys.stdout)
-    demo = Demo(settings, args)
-    async with anyio.create_task_group() as group:
-        await group.start(demo.watch_signals)
-        code = await demo.run()
-        group.cancel_scope.cancel()
+    quiet_terminal(settings, args)
+    with contextlib.ExitStack() as stack:
+        try:
+            data_dir = choose_data_dir(args.data_dir, stack)
+        except EmbeddedPostgresError as exc:
+            print(f"token-reset demo: error: {exc}", file=sys.stderr, flush=True)
+            return 2
+        demo = Demo(settings, args, data_dir)
+        async with anyio.create_task_group() as group:
+            await group.start(demo.watch_signals)
+            code = await demo.run()
+            group.cancel_scope.cancel()
     return code
+
+
+def quiet_terminal(settings: Settings, args: argparse.Namespace) -> None:
+    """On a terminal, keep the story readable: console lines, the service's at WARNING.
+
+    The format is already console on a terminal and JSON elsewhere (LOG_FORMAT and
+    --log-format win).  Left at INFO, some forty service lines would bury the story's
+    dozen, so a terminal shows only warnings and errors (the missed-reset alert is an
+    error, so it shows) unless LOG_LEVEL or --log-level asks for more.
+    """
+    level_asked = getattr(args, "log_level", None) is not None or "LOG_LEVEL" in os.environ
+    if settings.log_format != "console" or not sys.stdout.isatty() or level_asked:
+        return
+    configure_logging("console", "WARNING", stream=sys.stdout)
+    say("service log lines below WARNING are hidden here: LOG_LEVEL=INFO shows them")
+
+
+def choose_data_dir(explicit: Path | None, stack: contextlib.ExitStack) -> Path:
+    """Where this run's throwaway cluster lives, without changing any directory's mode.
+
+    An explicit --data-dir is used or refused (EmbeddedPostgresError, one line): a
+    directory the user named is never deleted, even one of another PostgreSQL version.
+    The default under the current directory is the demo's own: when its cluster is of
+    another major version (the binaries were upgraded), it is deleted and made anew,
+    in one line.  It is used when the server user can reach it (as root, a 0700 home
+    directory is in the way); otherwise the run moves to a private directory it
+    creates, says so in one line, and removes it at exit (`stack`).
+    """
+    if explicit is not None:
+        server = EmbeddedPostgres(data_dir=explicit)
+        server.server_user()
+        server.check_version()
+        return explicit
+    user = choose_server_user(DEFAULT_DATA_DIR)
+    blocked = blocking_directory(DEFAULT_DATA_DIR, user)
+    if user is None or blocked is None:
+        server = EmbeddedPostgres(data_dir=DEFAULT_DATA_DIR)
+        try:
+            server.check_version()
+        except VersionMismatch as exc:
+            say(
+                f"{exc.data_dir} holds a PostgreSQL {exc.data_version} cluster and the "
+                f"binaries are PostgreSQL {exc.binaries_version}: the demo's data is "
+                "throwaway, starting fresh"
+            )
+            server.destroy()
+        return DEFAULT_DATA_DIR
+    root = stack.enter_context(private_data_root("token-reset-demo-"))
+    say(
+        f"the server user {user.name} cannot enter {blocked} "
+        f"(mode {stat.S_IMODE(blocked.stat().st_mode):04o}) above {DEFAULT_DATA_DIR.resolve()}, "
+        f"and the demo changes no permissions: this run keeps its data in {root} "
+        "(removed at exit)"
+    )
+    return root / "pgdata"

@@ -1,54 +1,51 @@
 """The demo's view of the service: plain HTTP calls and /metrics scrapes, as Prometheus sees it.
 
 The demo reads the service only through its HTTP port (never through the in-process
-registry), so what it prints is what a Prometheus scrape would show.  HTTP uses the
-standard library in a worker thread: the `[embedded]` install carries no HTTP client.
-Proxies are bypassed; every address is loopback.
+registry), so what it prints is what a Prometheus scrape would show.  HTTP is one
+httpx.AsyncClient per run (httpx is a core dependency; the Alertmanager push uses it
+too), on the event loop like the service it talks to.  Proxies from the environment
+are ignored: every address is loopback and the admin secret must not leave the host.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from listener.metrics import RESET_SOURCES
 
-# A proxy from the environment must never see the admin secret or a loopback call.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 HTTP_TIMEOUT_SECONDS = 30.0
 # Reset sources in the order the story meets them: app traffic first, then the bulk run.
 STORY_ORDER = ("function", "trigger", "bulk")
 
 
-def _request(method: str, url: str, headers: Mapping[str, str], timeout: float) -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method, headers=dict(headers))  # noqa: S310  # loopback http built by the demo
-    try:
-        with _OPENER.open(request, timeout=timeout) as response:
-            return int(response.status), response.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as exc:
-        # A non-2xx answer is an answer (503 from /readyz while starting), not a failure.
-        with exc:
-            return exc.code, exc.read().decode("utf-8", "replace")
+def demo_client() -> httpx.AsyncClient:
+    """The run's HTTP client: no proxies or netrc from the environment (trust_env off)."""
+    return httpx.AsyncClient(trust_env=False, timeout=HTTP_TIMEOUT_SECONDS)
 
 
 async def http(
+    client: httpx.AsyncClient,
     method: str,
     url: str,
     headers: Mapping[str, str] | None = None,
-    read_seconds: float = HTTP_TIMEOUT_SECONDS,
 ) -> tuple[int, str]:
-    """(status, body) of one request; raises OSError when nothing answers."""
-    call = functools.partial(_request, method, url, headers or {}, read_seconds)
-    return await anyio.to_thread.run_sync(call)
+    """(status, body) of one request; raises OSError when nothing answers.
+
+    A non-2xx answer is an answer (503 from /readyz while starting), not a failure.
+    """
+    try:
+        response = await client.request(method, url, headers=dict(headers or {}))
+    except httpx.TransportError as exc:
+        raise OSError(f"{method} {url}: {str(exc) or type(exc).__name__}") from exc
+    return response.status_code, response.text
 
 
 @dataclass(frozen=True)
@@ -128,6 +125,7 @@ class Timeline:
     """Scrapes of one demo run and its phase marks, for the summary and the picture."""
 
     metrics_url: str
+    client: httpx.AsyncClient
     started: float = field(default_factory=time.monotonic)
     readings: list[Reading] = field(default_factory=list)
     marks: list[tuple[float, str]] = field(default_factory=list)
@@ -142,7 +140,7 @@ class Timeline:
 
     async def scrape(self) -> Reading:
         """One GET /metrics, recorded."""
-        status, body = await http("GET", self.metrics_url)
+        status, body = await http(self.client, "GET", self.metrics_url)
         if status != 200:
             raise OSError(f"GET {self.metrics_url} answered {status}")
         reading = parse_metrics(body, self.now())

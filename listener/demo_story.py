@@ -36,7 +36,7 @@ class Population:
     """The demo's users: (id, used) per kind, and the traffic that touches some of them."""
 
     stale: tuple[tuple[uuid.UUID, int], ...]  # carry last month's usage: to be reset
-    idle: tuple[tuple[uuid.UUID, int], ...]  # stale at 0 used: nothing to reset
+    idle: tuple[tuple[uuid.UUID, int], ...]  # last reset last month, 0 used: nothing to reset
     current: tuple[tuple[uuid.UUID, int], ...]  # already reset this month, with usage
     traffic: tuple[AppWrite, ...]
 
@@ -68,7 +68,7 @@ class Population:
 
 
 def plan_population(users: int, seed: int = SEED) -> Population:
-    """80 % stale with usage, 10 % stale at 0, 10 % current; a tenth of the stale get traffic."""
+    """80 % stale (with usage), 10 % untouched at 0 used, 10 % current; traffic for 1/10 stale."""
     rng = random.Random(seed)  # noqa: S311  # demo data, not a secret
     kinds = ["idle"] * (users // 10) + ["current"] * (users // 10)
     kinds += ["stale"] * (users - len(kinds))
@@ -111,7 +111,7 @@ def summary_lines(
         "",
         "== token-reset demo: summary ==",
         f"users              {population.total} ({len(population.stale)} with last month's "
-        f"usage, {len(population.idle)} stale at 0, {len(population.current)} current)",
+        f"usage, {len(population.idle)} untouched at 0 used, {len(population.current)} current)",
         f"before rollover    token_reset_missed_month {before.missed_month:g}, "
         f"token_reset_stale_users {before.stale_users:g} "
         f"(seen {marks['missed_reset_seen']:.1f} s into the demo)",

@@ -15,10 +15,13 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 ResetSource = Literal["trigger", "bulk", "function"]
 NotificationOutcome = Literal["ok", "malformed", "probe", "overflow"]
 BulkOutcome = Literal["success", "failure", "skipped"]
+# The service's supervised long-running tasks (listener.supervisor).
+TaskName = Literal["listener", "watchdog", "schedule", "alertmanager", "http"]
 
 RESET_SOURCES: Final = ("trigger", "bulk", "function")
 NOTIFICATION_OUTCOMES: Final = ("ok", "malformed", "probe", "overflow")
 BULK_OUTCOMES: Final = ("success", "failure", "skipped")
+TASKS: Final = ("listener", "watchdog", "schedule", "alertmanager", "http")
 # Commit-to-metric lag: sub-millisecond when healthy, minutes after an outage.
 LAG_BUCKETS: Final = (
     0.001,
@@ -43,7 +46,11 @@ LAG_BUCKETS: Final = (
 
 
 class Metrics:
-    """Every metric the service exports (names are DESIGN.md section 4's contract)."""
+    """Every metric the service exports.
+
+    Names, types and labels are a contract with deploy/prometheus/rules.yml, the
+    Grafana dashboard and README.md's metrics table; tests/unit/test_metrics.py pins it.
+    """
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
@@ -105,6 +112,15 @@ class Metrics:
         self.bulk_last_success = Gauge(
             "token_reset_bulk_last_success_timestamp_seconds",
             "Unix time of the last bulk backup run that succeeded.",
+            registry=registry,
+        )
+        # Not pre-created: a series exists for each task this process runs (no
+        # "alertmanager" without ALERTMANAGER_URL), so 0 always means "dead", never
+        # "not configured".  The supervisor creates it at 0 before the task's first start.
+        self.task_up = Gauge(
+            "token_reset_task_up",
+            "1 while the service's task runs, 0 while it is dead or being restarted.",
+            ["task"],
             registry=registry,
         )
         # Pre-create label sets so every series exists (at 0) from the first scrape:

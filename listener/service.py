@@ -1,10 +1,13 @@
 """`token-reset listen`: one anyio task group owns the whole service.
 
 Tasks: the signal receiver (SIGTERM/SIGINT stop everything), the HTTP server, the
-listener (connection, doorbells, ledger catch-up, probe), the watchdog and the
-built-in schedule.  Stopping sets one event (hypercorn's shutdown trigger) and
-cancels the group; cleanup runs shielded under a deadline, so the process exits
-within SHUTDOWN_TIMEOUT_SECONDS (default 10 s) with exit code 0.
+listener (connection, doorbells, ledger catch-up, probe), the watchdog, the
+Alertmanager push (with ALERTMANAGER_URL) and the built-in schedule.  Every one but
+the signal receiver runs under listener.supervisor: when it dies it is restarted with
+backoff, /readyz names it and token_reset_task_up{task} says 0 meanwhile, so a dead
+watchdog can no longer look like a quiet month.  Stopping cancels the group; the HTTP
+server's graceful shutdown runs shielded under a deadline, so the process exits within
+SHUTDOWN_TIMEOUT_SECONDS (default 10 s) with exit code 0.
 
 A database that is down at start is retried forever with backoff (/readyz says
 503 meanwhile): in an orchestrator the database often comes up after us.
@@ -13,14 +16,16 @@ A database that is down at start is retried forever with backoff (/readyz says
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import anyio
 import asyncpg
 import structlog
 from anyio.abc import TaskStatus
+from starlette.applications import Starlette
 
 from listener.clock import Clock, utc_now
 from listener.config import Settings
@@ -29,8 +34,9 @@ from listener.http import create_app, run_http
 from listener.ledger import CatchUp, Ledger
 from listener.metrics import Metrics
 from listener.payload import Doorbell, Malformed, Probe, parse_payload
-from listener.schedule import run_schedule
-from listener.watchdog import run_watchdog
+from listener.schedule import Scheduler, run_schedule
+from listener.supervisor import Startable, Supervisor, started_at_once
+from listener.watchdog import Watchdog
 
 log = structlog.get_logger("listener.service")
 
@@ -69,6 +75,8 @@ class ServiceState:
     backend_pid: int | None = None
     http_port: int | None = None
     last_error: str | None = None
+    # Supervised tasks that are not running, and why (written by the Supervisor).
+    tasks_down: dict[str, str] = field(default_factory=dict)
 
     def not_ready(self) -> list[str]:
         """Reasons the service is not ready; empty when it is."""
@@ -81,6 +89,10 @@ class ServiceState:
             reasons.append("LISTEN is not active")
         elif not self.caught_up:
             reasons.append("catching up with the ledger")
+        # A dead sibling makes the whole service unready: its gauges would be stale.
+        reasons.extend(
+            f"task {name} is not running ({why})" for name, why in sorted(self.tasks_down.items())
+        )
         return reasons
 
 
@@ -103,22 +115,39 @@ class Service:
         self.ledger = Ledger(self.metrics, settings.listener_name)
         self.buffer = DoorbellBuffer(self.metrics)
         self.listen: ListenConnection | None = None
-        self._stop = anyio.Event()
+        # Restarts share the listener's reconnect cap (RECONNECT_MAX_SECONDS).
+        self.supervisor = Supervisor(
+            self.metrics, self.state.tasks_down, cap=settings.reconnect_max_seconds
+        )
+        # Kept across restarts of their tasks: the alert state, the served slot.
+        self.watchdog = Watchdog(settings, self.metrics, clock=clock)
+        self.scheduler = (
+            Scheduler(settings, self.metrics, clock=clock)
+            if settings.schedule_time is not None
+            else None
+        )
         self._group_scope: anyio.CancelScope | None = None
         self._sessions = 0
 
     async def run(self, *, task_status: TaskStatus[Service] = anyio.TASK_STATUS_IGNORED) -> int:
         """Run until stopped; reports itself to start() once the HTTP port is bound."""
         app = create_app(self.settings, self.metrics, self.state.not_ready)
+        supervise = self.supervisor.run
         try:
             async with anyio.create_task_group() as group:
                 self._group_scope = group.cancel_scope
                 if self.handle_signals:
                     group.start_soon(self._signals)
-                self.state.http_port = await group.start(run_http, app, self.settings, self._stop)
-                group.start_soon(self._listen_forever)
-                group.start_soon(self._guarded, "watchdog", run_watchdog)
-                group.start_soon(self._guarded, "schedule", run_schedule)
+                # A failure of the first bind (a busy port) is fatal; later ones restart.
+                self.state.http_port = await group.start(supervise, "http", self._http(app))
+                group.start_soon(supervise, "listener", started_at_once(self._listen_forever))
+                group.start_soon(
+                    supervise, "watchdog", started_at_once(self.watchdog.check_forever)
+                )
+                if self.watchdog.pusher is not None:
+                    pusher = started_at_once(self.watchdog.pusher.run)
+                    group.start_soon(supervise, "alertmanager", pusher)
+                group.start_soon(supervise, "schedule", started_at_once(self._schedule))
                 task_status.started(self)
         except Exception:
             log.exception("listener_crashed")
@@ -133,7 +162,6 @@ class Service:
         if self.state.stopping:
             return
         self.state.stopping = True
-        self._stop.set()
         if self._group_scope is not None:
             self._group_scope.cancel()
 
@@ -144,12 +172,24 @@ class Service:
                 self.stop()
                 return
 
-    async def _guarded(self, name: str, task: Callable[..., Awaitable[None]]) -> None:
-        """Run a sibling service task; its failure is logged, never takes the listener down."""
-        try:
-            await task(self.settings, self.metrics, clock=self.clock)
-        except Exception:
-            log.exception("task_failed", task=name)
+    def _http(self, app: Starlette) -> Startable:
+        """One start of the HTTP server, reporting its port; a restart reuses that port."""
+
+        async def serve(*, task_status: TaskStatus[int]) -> None:
+            settings = self.settings
+            if self.state.http_port is not None:
+                # Prometheus and the orchestrator know the first port: come back there.
+                settings = dataclasses.replace(settings, http_port=self.state.http_port)
+            # A fresh trigger per start: run_http sets it when it is cancelled.
+            await run_http(app, settings, anyio.Event(), task_status=task_status)
+
+        return serve
+
+    async def _schedule(self) -> None:
+        if self.scheduler is None:
+            await run_schedule(self.settings, self.metrics, clock=self.clock)  # off: waits
+        else:
+            await self.scheduler.run()
 
     async def _listen_forever(self) -> None:
         backoff = Backoff(cap=self.settings.reconnect_max_seconds)

@@ -2,7 +2,10 @@
 
 A human table by default, `--json` for machines.  Every number comes from the
 database (its clock and configured zone), so two operators in different time zones
-see the same answer.
+see the same answer.  The words are the metrics' words: `stale_users` is the number
+token_reset_stale_users exports (users still carrying last period's usage), and
+`users_untouched_this_period` adds those last reset before this period at 0 used,
+who need no reset.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ async def gather_status(conn: asyncpg.Connection) -> dict[str, Any]:
         "period_start": _iso(summary["period_start"]),
         "users_total": summary["users_total"],
         "stale_users": summary["stale_users"],
-        "users_carrying_last_period_usage": summary["carrying_usage"],
+        "users_untouched_this_period": summary["untouched_this_period"],
         "period_resets": summary["period_resets"],
         "last_reset_at": _iso(summary["last_reset_at"]),
         "last_bulk_run": _run(last_run),
@@ -76,8 +79,8 @@ def render_table(status: dict[str, Any]) -> str:
     rows = [
         ("period", f"{status['period']} (since {status['period_start']})"),
         ("users", str(status["users_total"])),
-        ("stale users (any usage)", str(status["stale_users"])),
-        ("still carrying last usage", str(status["users_carrying_last_period_usage"])),
+        ("stale users", f"{status['stale_users']} still carrying last period's usage"),
+        ("not yet touched this period", _untouched(status)),
         ("resets this period", str(status["period_resets"])),
         ("last reset", status["last_reset_at"] or "never"),
         ("last bulk run", _describe_run(status["last_bulk_run"])),
@@ -86,6 +89,12 @@ def render_table(status: dict[str, Any]) -> str:
     ]
     width = max(len(label) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _untouched(status: dict[str, Any]) -> str:
+    """The untouched count, and how many of those need nothing (0 used)."""
+    untouched, stale = status["users_untouched_this_period"], status["stale_users"]
+    return f"{untouched} (the stale users and {untouched - stale} at 0 used: nothing to reset)"
 
 
 def _describe_run(run: dict[str, Any] | None) -> str:

@@ -174,6 +174,18 @@ class Watchdog:
 
     async def run(self) -> None:
         """Runs until cancelled; the Alertmanager pusher (if any) is its own task."""
+        async with anyio.create_task_group() as tg:
+            if self.pusher is not None:
+                tg.start_soon(self.pusher.run)
+            await self.check_forever()
+
+    async def check_forever(self) -> None:
+        """The periodic checks alone, until cancelled.
+
+        The service runs this and the pusher as two supervised tasks, so either one
+        can die and be restarted without the other; the alert state lives on `self`
+        and survives a restart (a restart neither re-raises nor forgets the alert).
+        """
         self._log.info(
             "watchdog_started",
             interval_seconds=self.settings.watchdog_interval_seconds,
@@ -181,14 +193,11 @@ class Watchdog:
             alertmanager_push=self.pusher is not None,
         )
         try:
-            async with anyio.create_task_group() as tg:
-                if self.pusher is not None:
-                    tg.start_soon(self.pusher.run)
-                while True:
-                    started = anyio.current_time()
-                    await self.check_once()
-                    self.checks += 1
-                    await anyio.sleep_until(started + self.settings.watchdog_interval_seconds)
+            while True:
+                started = anyio.current_time()
+                await self.check_once()
+                self.checks += 1
+                await anyio.sleep_until(started + self.settings.watchdog_interval_seconds)
         finally:
             self._drop_connection()
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import asyncpg
 import pytest
 
+from listener.embedded import private_data_root
 from tests.database import (
     TestServer,
     make_migrated_template,
@@ -30,13 +28,10 @@ def pg_server() -> Iterator[TestServer]:
     """The PostgreSQL server for the whole session (TEST_DATABASE_URL or embedded)."""
     # Not under pytest's tmp_path: pytest prunes old basetemp directories and resets
     # their modes, which would pull the data directory from under a running server
-    # when two sessions share a machine.
-    data_root = Path(tempfile.mkdtemp(prefix="token-reset-tests-"))
-    try:
-        with test_server(data_root) as server:
-            yield server
-    finally:
-        shutil.rmtree(data_root, ignore_errors=True)
+    # when two sessions share a machine; and as root the server's user could not
+    # enter pytest's 0700 basetemp.
+    with private_data_root("token-reset-tests-") as data_root, test_server(data_root) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

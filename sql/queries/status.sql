@@ -2,7 +2,10 @@
 -- "-- name: <name>" and takes its values as $n parameters.
 
 -- name: status_summary
--- One snapshot.  The user counts are one sequential scan of user_tokens (the reset
+-- One snapshot.  Words as in the metrics: stale_users is the watchdog's number
+-- (token_reset_stale_users, the same predicate as sql/queries/watchdog.sql): users
+-- still carrying a previous period's usage.  untouched_this_period also counts users
+-- last reset before this period at 0 used, who need no reset.  The user counts are one sequential scan of user_tokens (the reset
 -- columns are deliberately unindexed so a reset stays a HOT update); the period's
 -- resets go through the unique index leading with (metadata ->> 'period'); the last
 -- reset is the newest reset row by id (partial index), ids being handed out in the
@@ -13,9 +16,10 @@ WITH bounds AS (
            public.token_reset_period_label(pg_catalog.now()) AS period
 ), users AS (
     SELECT count(*) AS users_total,
-           count(*) FILTER (WHERE u.last_monthly_reset < b.period_start) AS stale_users,
            count(*) FILTER (WHERE u.last_monthly_reset < b.period_start
-                              AND u.monthly_tokens_used > 0) AS carrying_usage
+                              AND u.monthly_tokens_used > 0) AS stale_users,
+           count(*) FILTER (WHERE u.last_monthly_reset < b.period_start)
+               AS untouched_this_period
       FROM public.user_tokens u CROSS JOIN bounds b
 )
 SELECT b.database_now,
@@ -23,7 +27,7 @@ SELECT b.database_now,
        b.period_start,
        u.users_total,
        u.stale_users,
-       u.carrying_usage,
+       u.untouched_this_period,
        (SELECT count(*)
           FROM public.token_transactions t
          WHERE t.operation = 'reset'

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import pty
+import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from listener.embedded import private_data_root
 
 pytestmark = pytest.mark.acceptance
 
@@ -30,12 +32,11 @@ UNREACHABLE_DATABASE = "postgresql://nobody@127.0.0.1:1/nothing"
 def data_dir() -> Iterator[Path]:
     """The embedded server's data directory, outside pytest's basetemp.
 
-    As root the server runs as another user who needs search permission on every
-    ancestor, and a concurrent pytest session resets its basetemp to mode 0700.
+    As root the server runs as another user who must be able to enter every directory
+    above it, and pytest's basetemp is 0700 (the demo changes no permissions).
     """
-    root = Path(tempfile.mkdtemp(prefix="token-reset-demo-test-"))
-    yield root / "pgdata"
-    shutil.rmtree(root, ignore_errors=True)
+    with private_data_root("token-reset-demo-test-") as root:
+        yield root / "pgdata"
 
 
 def demo_env() -> dict[str, str]:
@@ -137,3 +138,55 @@ def test_demo_serves_until_sigint_then_stops_everything(tmp_path: Path, data_dir
             process.kill()
             process.wait(timeout=STOP_SECONDS)
     assert not (data_dir / "postmaster.pid").exists(), "the embedded server was left running"
+
+
+def run_on_a_terminal(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[int, str]:
+    """Run argv with stdout and stderr on a pseudo-terminal; (exit code, what it showed)."""
+    controller, terminal = pty.openpty()
+    try:
+        process = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=terminal, stderr=terminal
+        )
+    finally:
+        os.close(terminal)
+    shown = bytearray()
+    deadline = time.monotonic() + DEMO_SECONDS
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"still running after {DEMO_SECONDS} s:\n{shown.decode()}"
+            readable, _, _ = select.select([controller], [], [], remaining)
+            if not readable:
+                continue
+            try:
+                chunk = os.read(controller, 65536)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not chunk:
+                break
+            shown += chunk
+        return process.wait(timeout=STOP_SECONDS), shown.decode(errors="replace")
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=STOP_SECONDS)
+
+
+def test_demo_on_a_terminal_shows_the_story_not_json(tmp_path: Path, data_dir: Path) -> None:
+    """On a terminal (and no LOG_FORMAT asked for) a person reads the story, not JSON."""
+    env = {k: v for k, v in demo_env().items() if k not in {"LOG_FORMAT", "LOG_LEVEL"}}
+    code, shown = run_on_a_terminal([*demo_argv(data_dir), "--once"], env, tmp_path)
+    assert code == 0, shown
+    lines = [line for line in shown.splitlines() if line.strip()]
+    as_json = [line for line in lines if line.lstrip().startswith("{")]
+    assert not as_json, f"JSON lines on a terminal:\n{shown}"
+    story = [line for line in lines if line.startswith("demo: ")]
+    assert any("the missed reset, as Prometheus sees it" in line for line in story), shown
+    posted = "demo: POST /api/admin/reset-monthly-tokens -> 200"
+    assert any(line.startswith(posted) for line in story), shown
+    assert "== token-reset demo: summary ==" in shown
+    # The story is what a person reads: most lines on the screen are the demo's own.
+    summary = shown.split("== token-reset demo: summary ==", 1)[0]
+    before = [line for line in summary.splitlines() if line.strip()]
+    assert len(story) >= len(before) // 2, f"the story is buried in log lines:\n{shown}"

@@ -50,10 +50,9 @@ async def test_a_window_committed_without_an_answer_is_still_counted(
                 await wait_counts_equal_ledger(listener, conn, within=10)
             except AssertionError as exc:
                 raise AssertionError(
-                    "LISTENER BUG (listener/ledger.py, Ledger.open): a window whose cursor save "
-                    "committed on the server but whose answer was lost with the connection is "
-                    "never counted. On reconnect open() adopts the saved cursor, so this live "
-                    "process skips the rows between its in-memory cursor and the saved one. "
-                    "Fix: on a reconnect keep the in-memory cursor (the next window re-reads "
-                    f"and counts those rows; greatest() keeps the save idempotent).\n{exc}"
+                    "a window whose cursor save committed on the server but whose answer was "
+                    "lost with the connection was not counted. On a reconnect Ledger.open "
+                    "(listener/ledger.py) must keep the live process's in-memory cursor, so "
+                    "the next window re-reads and counts those rows (greatest() keeps the "
+                    f"save idempotent); adopting the saved cursor skips them.\n{exc}"
                 ) from None

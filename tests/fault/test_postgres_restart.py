@@ -10,7 +10,7 @@ import anyio
 import asyncpg
 import pytest
 
-from listener.embedded import EmbeddedPostgres
+from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
 from tests.database import TEST_SERVER_SETTINGS
 from tests.fault.support import listener_env, running_listener, wait_counts_equal_ledger
@@ -39,9 +39,17 @@ RESETS_PER_PHASE = 30
 
 
 @asynccontextmanager
-async def owned_cluster(tmp_path: Path) -> AsyncIterator[EmbeddedPostgres]:
+async def owned_cluster() -> AsyncIterator[EmbeddedPostgres]:
     """A migrated PostgreSQL cluster of this test's own, on its own port; destroyed after."""
-    server = EmbeddedPostgres(data_dir=tmp_path / "pgdata", settings=TEST_SERVER_SETTINGS)
+    # Not in tmp_path: as root the server's user cannot enter pytest's 0700 basetemp.
+    with private_data_root("token-reset-restart-") as root:
+        async with _cluster(root) as server:
+            yield server
+
+
+@asynccontextmanager
+async def _cluster(root: Path) -> AsyncIterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(data_dir=root / "pgdata", settings=TEST_SERVER_SETTINGS)
     try:
         await anyio.to_thread.run_sync(server.start)
         conn = await asyncpg.connect(server.dsn)
@@ -108,7 +116,7 @@ async def test_restart_while_resets_happen_reconnects_and_counts_equal_the_ledge
     tmp_path: Path,
 ) -> None:
     """A restart cuts every connection and drops doorbells; the catch-up read loses nothing."""
-    async with owned_cluster(tmp_path) as server:
+    async with owned_cluster() as server:
         env = listener_env(server.dsn, name="fault-restart")
         async with running_listener(env, tmp_path) as listener:
             await listener.wait_ready()

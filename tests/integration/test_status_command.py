@@ -11,6 +11,8 @@ import asyncpg
 import pytest
 
 from listener.bulk import run_bulk_reset
+from listener.metrics import Metrics
+from listener.watchdog import Watchdog
 from tests.integration.bulk_support import (
     REPO,
     add_current_users,
@@ -54,16 +56,16 @@ async def test_status_counts_before_and_after_a_bulk_run(
 
     before = await status_json(database_url)
     assert before["period"] == period
-    assert (before["users_total"], before["stale_users"]) == (10, 7)
-    assert before["users_carrying_last_period_usage"] == 5
+    assert (before["users_total"], before["stale_users"]) == (10, 5)
+    assert before["users_untouched_this_period"] == 7
     assert (before["period_resets"], before["last_reset_at"]) == (0, None)
     assert before["last_bulk_run"] is None
     assert before["last_successful_bulk_run"] is None
 
     result = await run_bulk_reset(settings_for(database_url), source="cli")
     after = await status_json(database_url)
-    assert after["users_carrying_last_period_usage"] == 0
-    assert after["stale_users"] == 2  # zero usage: never rewritten, and never wrong
+    assert after["stale_users"] == 0
+    assert after["users_untouched_this_period"] == 2  # zero usage: never rewritten, never wrong
     assert after["period_resets"] == 5
     newest = await conn.fetchval(
         "SELECT max(created_at) FROM token_transactions WHERE operation = 'reset'"
@@ -101,7 +103,8 @@ async def test_human_table_by_default(conn: asyncpg.Connection, database_url: st
     code, out, _ = await status(database_url)
     assert code == 0
     lines = dict(line.split("  ", 1) for line in out.splitlines())
-    assert lines["still carrying last usage"].strip() == "2"
+    assert lines["stale users"].strip() == "2 still carrying last period's usage"
+    assert lines["not yet touched this period"].strip().startswith("2 ")
     assert lines["last bulk run"].strip() == "never"
 
 
@@ -112,3 +115,27 @@ async def test_unreachable_database_exits_1_with_one_line() -> None:
     assert out == ""
     assert err.strip().startswith("token-reset: error: cannot connect to the database")
     assert len(err.strip().splitlines()) == 1
+
+
+async def test_status_stale_users_is_the_gauge_for_the_same_database(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """`status --json` and token_reset_stale_users give one number under one name.
+
+    Users last reset in a previous period at 0 used need no reset: they are "not yet
+    touched this period", never "stale users", in the status as in the metrics.
+    """
+    await add_stale_users(conn, 5, used=9)
+    await add_stale_users(conn, 2, used=0)
+    await add_current_users(conn, 3)
+    metrics = Metrics.fresh()
+    watchdog = Watchdog(settings_for(database_url), metrics)
+    try:
+        assert await watchdog.check_once() is not None
+    finally:
+        watchdog.close()
+    gauge = metrics.registry.get_sample_value("token_reset_stale_users")
+
+    report = await status_json(database_url)
+    assert report["stale_users"] == gauge == 5
+    assert report["users_untouched_this_period"] == 7
