@@ -40,6 +40,7 @@ async def gather_status(conn: asyncpg.Connection) -> dict[str, Any]:
         "users_total": summary["users_total"],
         "stale_users": summary["stale_users"],
         "users_untouched_this_period": summary["untouched_this_period"],
+        "users_active_this_period": summary["active_this_period"],
         "period_resets": summary["period_resets"],
         "last_reset_at": _iso(summary["last_reset_at"]),
         "last_bulk_run": _run(last_run),

@@ -3,24 +3,24 @@
 
 -- name: status_summary
 -- One snapshot.  Words as in the metrics: stale_users is the watchdog's number
--- (token_reset_stale_users, the same predicate as sql/queries/watchdog.sql): users
--- still carrying a previous period's usage.  untouched_this_period also counts users
--- last reset before this period at 0 used, who need no reset.  The user counts are one sequential scan of user_tokens (the reset
--- columns are deliberately unindexed so a reset stays a HOT update); the period's
--- resets go through the unique index leading with (metadata ->> 'period'); the last
--- reset is the newest reset row by id (partial index), ids being handed out in the
--- order rows are written.
+-- (token_reset_stale_users): users still carrying a previous period's usage.
+-- untouched_this_period also counts users last reset before this period at 0 used,
+-- who need no reset.  Every count comes from the usage counters (0005), kept by the
+-- writes themselves, so status costs the same at 100k and 10M users; the last reset
+-- is the newest reset row by id (partial index).
 WITH bounds AS (
     SELECT pg_catalog.now() AS database_now,
            public.token_reset_period_start() AS period_start,
            public.token_reset_period_label(pg_catalog.now()) AS period
 ), users AS (
-    SELECT count(*) AS users_total,
-           count(*) FILTER (WHERE u.last_monthly_reset < b.period_start
-                              AND u.monthly_tokens_used > 0) AS stale_users,
-           count(*) FILTER (WHERE u.last_monthly_reset < b.period_start)
-               AS untouched_this_period
-      FROM public.user_tokens u CROSS JOIN bounds b
+    SELECT coalesce(sum(c.users), 0)::bigint AS users_total,
+           coalesce(sum(c.active_users) FILTER (WHERE c.period < b.period), 0)::bigint AS stale_users,
+           coalesce(sum(c.users) FILTER (WHERE c.period < b.period), 0)::bigint
+               AS untouched_this_period,
+           coalesce(sum(c.active_users) FILTER (WHERE c.period = b.period), 0)::bigint
+               AS active_this_period,
+           coalesce(sum(c.resets) FILTER (WHERE c.period = b.period), 0)::bigint AS period_resets
+      FROM public.token_reset_usage c CROSS JOIN bounds b
 )
 SELECT b.database_now,
        b.period,
@@ -28,10 +28,8 @@ SELECT b.database_now,
        u.users_total,
        u.stale_users,
        u.untouched_this_period,
-       (SELECT count(*)
-          FROM public.token_transactions t
-         WHERE t.operation = 'reset'
-           AND (t.metadata ->> 'period') = b.period) AS period_resets,
+       u.active_this_period,
+       u.period_resets,
        (SELECT t.created_at
           FROM public.token_transactions t
          WHERE t.operation = 'reset'

@@ -1,6 +1,11 @@
 -- Queries of the missed-reset watchdog (listener/watchdog.py).  Each block starts
 -- with "-- name: <name>" and takes its values as $n parameters.
 
+-- name: watchdog_compact
+-- Folds the usage counters' deltas (0005) so the snapshot reads one row per period:
+-- its cost is the writes since the last fold, not the number of users.
+SELECT public.token_reset_compact_counters()
+
 -- name: watchdog_snapshot
 -- Everything the watchdog judges, in one statement (one snapshot, one round trip).
 -- The period boundaries come from the database's clock and configured zone; how far
@@ -10,11 +15,10 @@
 -- real estimate it uses a bitmap scan instead of one random heap visit per row.  The
 -- period start, an expression of several time-zone conversions, is a scalar subquery
 -- wherever it filters rows, so it is computed once and not once per row.
---   stale_users:  users still carrying a previous period's usage.  A sequential scan
---                 of user_tokens: the reset columns are deliberately unindexed so a
---                 reset stays a HOT update.
---   month_resets: reset rows of this period, through the unique index that leads
---                 with (metadata ->> 'period').
+--   stale_users:  users still carrying a previous period's usage: the usage
+--                 counters (0005) of every period before this one, kept by the writes
+--                 themselves, so the cost does not grow with the number of users.
+--   month_resets: reset rows of this period, from the same counters.
 --   last_reset_at: the newest reset row, from the partial index on reset ids.
 --   last_bulk_success_at: the newest successful bulk run, whoever ran it (the
 --                 built-in schedule, the endpoint, or `token-reset reset` in a cron).
@@ -24,15 +28,12 @@
 -- MATERIALIZED: the CASE reads the counts twice; without it they would be computed
 -- twice.
 WITH counts AS MATERIALIZED (
-    SELECT (SELECT count(*)
-              FROM public.user_tokens u
-             WHERE u.last_monthly_reset < (SELECT public.token_reset_period_start())
-               AND u.monthly_tokens_used > 0) AS stale_users,
-           (SELECT count(*)
-              FROM public.token_transactions t
-             WHERE t.operation = 'reset'
-               AND (t.metadata ->> 'period')
-                   = public.token_reset_period_label(pg_catalog.now())) AS month_resets,
+    SELECT (SELECT coalesce(sum(c.active_users), 0)::bigint
+              FROM public.token_reset_usage c
+             WHERE c.period < public.token_reset_period_label(pg_catalog.now())) AS stale_users,
+           (SELECT coalesce(sum(c.resets), 0)::bigint
+              FROM public.token_reset_usage c
+             WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS month_resets,
            (SELECT t.created_at
               FROM public.token_transactions t
              WHERE t.operation = 'reset'

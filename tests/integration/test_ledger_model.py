@@ -9,7 +9,8 @@ reset.  After every step, for every user:
 * I1: monthly_tokens_used = deductions - grants in the ledger after its latest reset;
 * I2: every "reset" answer, reset_count and cleared usage matches new reset rows;
 * I3: last_monthly_reset never moves backwards, except where the owner moved it;
-* at most one reset row per user and period.
+* at most one reset row per user and period;
+* the usage counters the watchdog and `status` read equal a full scan.
 """
 
 from __future__ import annotations
@@ -64,6 +65,26 @@ SELECT u.user_id, u.monthly_tokens_used,
 DUPLICATE_RESETS = """
 SELECT user_id, metadata ->> 'period', count(*) FROM token_transactions
  WHERE operation = 'reset' AND user_id = ANY($1) GROUP BY 1, 2 HAVING count(*) > 1
+"""
+# The usage counters (0005) against a full scan of the tables they summarise.
+COUNTER_DRIFT = """
+WITH truth AS (
+    SELECT token_reset_period_label(last_monthly_reset) AS period, count(*) AS users,
+           count(*) FILTER (WHERE monthly_tokens_used > 0) AS active_users
+      FROM user_tokens GROUP BY 1
+), resets AS (
+    SELECT metadata ->> 'period' AS period, count(*) AS resets
+      FROM token_transactions WHERE operation = 'reset' GROUP BY 1
+), expected AS (
+    SELECT coalesce(t.period, r.period) AS period, coalesce(t.users, 0) AS users,
+           coalesce(t.active_users, 0) AS active_users, coalesce(r.resets, 0) AS resets
+      FROM truth t FULL JOIN resets r ON r.period = t.period
+)
+SELECT coalesce(e.period, c.period) AS period, e.users, c.users AS counted_users,
+       e.active_users, c.active_users AS counted_active, e.resets, c.resets AS counted_resets
+  FROM expected e FULL JOIN token_reset_usage c ON c.period = e.period
+ WHERE (coalesce(e.users, 0), coalesce(e.active_users, 0), coalesce(e.resets, 0))
+       IS DISTINCT FROM (coalesce(c.users, 0), coalesce(c.active_users, 0), coalesce(c.resets, 0))
 """
 STATE = """
 SELECT u.user_id, u.monthly_tokens_used, u.last_monthly_reset,
@@ -223,3 +244,6 @@ async def test_the_ledger_promises_hold_under_random_traffic(
         broken = [r for r in await conn.fetch(I1_VIOLATIONS, users) if r[1] != r[2]]
         assert broken == [], ("I1", kind, steps)
         assert await conn.fetch(DUPLICATE_RESETS, users) == []
+        if kind in ("bulk", "touch"):
+            await conn.fetchval("SELECT token_reset_compact_counters()")
+        assert [dict(r) for r in await conn.fetch(COUNTER_DRIFT)] == [], ("counters", kind, steps)

@@ -39,6 +39,8 @@ DECLARED_RELATIONS: dict[str, dict[str, set[str]]] = {
     "token_reset_listener_cursors": {LISTENER: {"SELECT", "INSERT", "UPDATE"}},
     "token_reset_settings": {LISTENER: {"SELECT"}},
     "token_reset_bulk_lock": {},
+    "token_reset_usage_deltas": {},
+    "token_reset_usage": {LISTENER: {"SELECT"}},
     "token_reset_migrations": {},
 }
 # Routine signature -> roles with EXECUTE.  Everything else is the owner's alone.
@@ -59,6 +61,7 @@ DECLARED_ROUTINES: dict[str, set[str]] = {
     "token_reset_bulk_pending()": {LISTENER},
     "token_reset_bulk_committing(integer)": {LISTENER},
     "token_reset_sql_run_source(text)": {LISTENER},
+    "token_reset_compact_counters()": {LISTENER},
     # read-only period arithmetic, for anyone
     "token_reset_period_start()": {PUBLIC},
     "token_reset_period_label(timestamp with time zone)": {PUBLIC},
@@ -78,6 +81,8 @@ DECLARED_ROUTINES: dict[str, set[str]] = {
     "check_and_reset_monthly_tokens()": set(),
     "token_reset_notify_single()": set(),
     "token_reset_ledger_is_append_only()": set(),
+    "token_reset_count_usage()": set(),
+    "token_reset_recount_usage()": set(),
 }
 
 ACTUAL_RELATIONS = """
@@ -395,6 +400,11 @@ DEFINER_CALLS: dict[str, tuple[str, str]] = {
     "token_reset_answer(uuid,integer)": (APP, "SELECT check_user_tokens($1)"),
     "token_reset_bulk_all(integer)": (APP, "SELECT reset_monthly_tokens_for_all_users()"),
     "check_and_reset_monthly_tokens()": (APP, "SELECT deduct_tokens($1, 1, 'chat')"),
+    "token_reset_count_usage()": (
+        APP,
+        "INSERT INTO user_tokens (user_id) VALUES (gen_random_uuid())",
+    ),
+    "token_reset_compact_counters()": (LISTENER, "SELECT token_reset_compact_counters()"),
 }
 
 
@@ -415,7 +425,9 @@ async def test_no_definer_code_resolves_anything_a_non_owner_can_create(
     }
     assert set(definers) == set(DEFINER_CALLS)
     for signature, config in definers.items():
-        assert config == ["search_path=pg_catalog, pg_temp"], signature
+        assert config[0] == "search_path=pg_catalog, pg_temp", signature
+        # The only other setting: the usage counters' switch, forced off on entry.
+        assert set(config[1:]) <= {"token_reset.counting="}, signature
     await conn.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
     async with (
         login_role(conn, database_url, None) as attacker_url,
