@@ -33,11 +33,10 @@ async def silent_server() -> AsyncIterator[int]:
     """A port that accepts every connection and then says nothing until the test ends."""
     listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     port: int = listener.extra(anyio.abc.SocketAttribute.local_port)  # noqa: S610  # anyio's typed attribute
-    held: list[anyio.abc.SocketStream] = []
 
     async def hold(stream: anyio.abc.SocketStream) -> None:
-        held.append(stream)
-        await anyio.sleep_forever()
+        async with stream:  # closed when the test ends and cancels this
+            await anyio.sleep_forever()
 
     async with listener, anyio.create_task_group() as group:
         group.start_soon(listener.serve, hold)
