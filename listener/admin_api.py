@@ -4,6 +4,10 @@ Order of checks, each cheaper than the next and none touching the database until
 the caller is proven: secret configured (else 503, the endpoint is never open),
 `Authorization: Bearer <secret>` well formed and equal in constant time (else 401),
 then the bulk run.  The secret never reaches a log line or a response body.
+
+Refusals are cheap for the caller, so they are logged at most once per
+REFUSAL_LOG_INTERVAL_SECONDS (with the number swallowed since the last line); every
+401 is counted in token_reset_admin_unauthorized_total.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from starlette.routing import BaseRoute, Route
 from listener.bulk import BulkResetError, run_bulk_reset
 from listener.config import MIN_CRON_SECRET_LENGTH, Settings
 from listener.metrics import Metrics
+from listener.throttle import LogThrottle
 
 RESET_PATH = "/api/admin/reset-monthly-tokens"
 
@@ -29,6 +34,7 @@ RESET_PATH = "/api/admin/reset-monthly-tokens"
 _CREDENTIALS = re.compile(r"[ \t]*([A-Za-z][A-Za-z0-9!#$%&'*+.^_`|~-]*)[ \t]+([^ \t]+)[ \t]*")
 _NO_STORE = {"Cache-Control": "no-store"}
 _CHALLENGE = {**_NO_STORE, "WWW-Authenticate": 'Bearer realm="token-reset"'}
+REFUSAL_LOG_INTERVAL_SECONDS = 10.0
 
 log = structlog.get_logger("listener.admin_api")
 
@@ -66,24 +72,37 @@ def admin_routes(settings: Settings, metrics: Metrics) -> list[BaseRoute]:
     """The cron endpoint's routes, to mount on the service's one HTTP app."""
     secret = settings.cron_secret
     disabled = disabled_reason(secret)
+    refused_log = LogThrottle(REFUSAL_LOG_INTERVAL_SECONDS)
+    unauthorized_log = LogThrottle(REFUSAL_LOG_INTERVAL_SECONDS)
 
     async def reset(request: Request) -> Response:
         if request.method == "HEAD":
             # Starlette adds HEAD to GET routes; a probe must never start a reset.
             return Response(status_code=405, headers={"Allow": "GET, POST"})
         if disabled is not None or secret is None:
-            log.warning("admin_reset_refused", reason="not_configured", method=request.method)
+            suppressed = refused_log.admit()
+            if suppressed is not None:
+                log.warning(
+                    "admin_reset_refused",
+                    reason="not_configured",
+                    method=request.method,
+                    suppressed=suppressed,
+                )
             return JSONResponse(
                 {"success": False, "error": disabled}, status_code=503, headers=_NO_STORE
             )
         token = bearer_token(request.headers.getlist("authorization"))
         if token is None or not secret_matches(token, secret):
-            log.warning(
-                "admin_reset_unauthorized",
-                reason="missing_or_malformed" if token is None else "wrong_secret",
-                method=request.method,
-                client=request.client.host if request.client else None,
-            )
+            metrics.admin_unauthorized.inc()
+            suppressed = unauthorized_log.admit()
+            if suppressed is not None:
+                log.warning(
+                    "admin_reset_unauthorized",
+                    reason="missing_or_malformed" if token is None else "wrong_secret",
+                    method=request.method,
+                    client=request.client.host if request.client else None,
+                    suppressed=suppressed,
+                )
             return JSONResponse(
                 {"success": False, "error": "unauthorized"}, status_code=401, headers=_CHALLENGE
             )

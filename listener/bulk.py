@@ -23,14 +23,12 @@ import structlog
 
 from listener.config import Settings
 from listener.connection import Backoff
-from listener.database import connect
+from listener.database import ConnectTimeout, connect
 from listener.metrics import Metrics
 from listener.sql import query
 
 RunSource = Literal["endpoint", "cli", "schedule"]
 SkipReason = Literal["already_running", "slot_done"]
-# Bounds how long a caller waits on an unreachable database before it gets an error.
-CONNECT_TIMEOUT_SECONDS = 10.0
 # Recording a failure (a few ms normally) must not stretch a bounded shutdown much.
 CLEANUP_TIMEOUT_SECONDS = 2.0
 # The final pass waits for rows a writer holds; a writer that never lets go fails the
@@ -349,7 +347,6 @@ async def run_bulk_reset(
         conn = await connect(
             settings,
             role="bulk",
-            timeout=CONNECT_TIMEOUT_SECONDS,
             server_settings={"lock_timeout": LOCK_TIMEOUT},
         )
         result = await run.execute(conn)
@@ -400,7 +397,9 @@ async def _close(conn: asyncpg.Connection) -> None:
 
 def _describe(exc: BaseException) -> str:
     """A one-line cause for logs, the run row, the CLI and the HTTP body (no stack, no DSN)."""
-    if isinstance(exc, asyncpg.PostgresError):
+    if isinstance(exc, ConnectTimeout):
+        text = str(exc)  # host:port and the timeout
+    elif isinstance(exc, asyncpg.PostgresError):
         first_line = (str(exc).splitlines() or [""])[0]
         text = f"database error {exc.sqlstate}: {first_line}"
     elif isinstance(exc, BulkLockSquatted):

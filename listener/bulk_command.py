@@ -15,8 +15,6 @@ from listener.bulk import BatchProgress, BulkResetError, run_bulk_reset
 from listener.config import Settings
 from listener.logs import configure_logging
 
-_MAX_BATCH_SIZE = 1_000_000
-
 
 def _print_progress(progress: BatchProgress) -> None:
     """One line per committed batch, for an operator watching a large user base."""
@@ -32,15 +30,8 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
     """Run one bulk reset and print its JSON result."""
     # The CLI set logging up on stdout; here stdout is reserved for the result.
     configure_logging(settings.log_format, settings.log_level, stream=sys.stderr)
-    requested = getattr(args, "batch_size", None)
-    batch_size = settings.bulk_batch_size if requested is None else requested
-    if not 1 <= batch_size <= _MAX_BATCH_SIZE:
-        print(
-            f"token-reset: error: --batch-size must be between 1 and {_MAX_BATCH_SIZE}, "
-            f"got {batch_size}",
-            file=sys.stderr,
-        )
-        return 2
+    # --batch-size is already in the settings, validated like BULK_BATCH_SIZE.
+    batch_size = settings.bulk_batch_size
     on_batch = _print_progress if sys.stderr.isatty() else None
     try:
         result = await run_bulk_reset(

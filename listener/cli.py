@@ -12,15 +12,25 @@ import argparse
 import contextlib
 import importlib
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import cast
+from typing import NoReturn, cast
 
 import anyio
 
 from listener import __version__
-from listener.config import ConfigError, Settings
+from listener.config import (
+    ConfigError,
+    Settings,
+    batch_size,
+    database_url,
+    flag,
+    http_port,
+    log_level,
+)
+from listener.dsn import redact_dsn
 from listener.embedded import DEFAULT_DATA_DIR, EmbeddedPostgresError, embedded_postgres
 from listener.logs import configure_logging
 
@@ -38,9 +48,18 @@ _COMMANDS = {
 _NEEDS_DATABASE = {"listen", "migrate", "reset", "status"}
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, keeping the one-line promise: a bad flag is one line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        # "argument --x: --x must be ..." (our validators name the flag) -> "--x must be ..."
+        message = re.sub(r"^argument (\S+): \1 ", r"\1 ", message)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All subcommands and their flags."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="token-reset",
         description="Monthly token allowances that reset for every user, with alerts.",
     )
@@ -48,9 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, *, embedded: bool = True) -> None:
-        p.add_argument("--database-url", help="PostgreSQL URL (default: $DATABASE_URL / PG*)")
+        p.add_argument(
+            "--database-url",
+            type=flag(database_url, "--database-url"),
+            help="PostgreSQL URL (default: $DATABASE_URL / PG*)",
+        )
         p.add_argument("--log-format", choices=["json", "console"], help="default: $LOG_FORMAT")
-        p.add_argument("--log-level", help="default: $LOG_LEVEL or INFO")
+        p.add_argument(
+            "--log-level", type=flag(log_level, "--log-level"), help="default: $LOG_LEVEL or INFO"
+        )
         if embedded:
             p.add_argument(
                 "--embedded",
@@ -69,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(listen)
     listen.add_argument("--http-host", help="default: $HTTP_HOST or 127.0.0.1")
-    listen.add_argument("--http-port", type=int, help="default: $HTTP_PORT or 8080")
+    listen.add_argument(
+        "--http-port", type=flag(http_port, "--http-port"), help="default: $HTTP_PORT or 8080"
+    )
     listen.add_argument("--no-schedule", action="store_true", help="turn the built-in schedule off")
 
     migrate = sub.add_parser("migrate", help="apply sql/ migrations (idempotent, concurrency-safe)")
@@ -78,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     reset = sub.add_parser("reset", help="run the bulk backup reset now (for cron)")
     common(reset)
-    reset.add_argument("--batch-size", type=int, help="rows per transaction (default 10000)")
+    reset.add_argument(
+        "--batch-size",
+        type=flag(batch_size, "--batch-size"),
+        help="rows per transaction (default: $BULK_BATCH_SIZE or 10000)",
+    )
 
     status = sub.add_parser("status", help="who still needs a reset, last runs")
     common(status)
@@ -92,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="throwaway data directory (default .token-reset/demo-pgdata, or a private "
         "temporary one when the server user cannot reach that)",
     )
-    demo.add_argument("--http-port", type=int, help="default: a free port")
+    demo.add_argument(
+        "--http-port", type=flag(http_port, "--http-port"), help="default: a free port"
+    )
     demo.add_argument("--users", type=int, default=300, help="users to create (default 300)")
     demo.add_argument("--once", action="store_true", help="exit 0 after the summary")
     demo.add_argument("--json-summary", type=Path, help="write the scraped time series here")
@@ -100,12 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def settings_from(args: argparse.Namespace, env: dict[str, str] | None = None) -> Settings:
-    """Environment first, then flags."""
+    """Environment first, then flags (already validated by their argparse types)."""
     settings = Settings.from_env(os.environ if env is None else env)
     return settings.with_overrides(
         database_url=getattr(args, "database_url", None),
         log_format=getattr(args, "log_format", None),
-        log_level=(getattr(args, "log_level", None) or "").upper() or None,
+        log_level=getattr(args, "log_level", None),
         http_host=getattr(args, "http_host", None),
         http_port=getattr(args, "http_port", None),
         reset_schedule="off" if getattr(args, "no_schedule", False) else None,
@@ -120,15 +153,10 @@ def _maybe_embedded(args: argparse.Namespace, settings: Settings) -> Iterator[Se
         return
     with embedded_postgres(args.data_dir) as server:
         print(
-            f"token-reset: embedded PostgreSQL at {server.dsn} (data: {args.data_dir})",
+            f"token-reset: embedded PostgreSQL at {redact_dsn(server.dsn)} (data: {args.data_dir})",
             file=sys.stderr,
         )
         yield settings.with_overrides(database_url=server.dsn)
-
-
-def _check_port(port: int) -> None:
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--http-port must be between 0 and 65535, got {port}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,9 +164,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from(args)
-        # Re-validate flag overrides through the same rules as the environment.
-        Settings.from_env({"LOG_LEVEL": settings.log_level, "LOG_FORMAT": settings.log_format})
-        _check_port(settings.http_port)
         if args.command in _NEEDS_DATABASE and not getattr(args, "embedded", False):
             settings.require_database()
         if args.command == "listen":

@@ -6,26 +6,38 @@ variable.  libpq's own PG* variables pass through to asyncpg untouched.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import socket
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypedDict, TypeVar, Unpack, cast
+
+from listener.dsn import REDACTED, check_dsn, redact_dsn, redact_url
 
 LogFormat = Literal["json", "console"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A bearer secret shorter than this is guessable online; refused at start-up.
 MIN_CRON_SECRET_LENGTH = 16
 DEFAULT_HTTP_PORT = 8080
+MAX_BATCH_SIZE = 1_000_000
+# How long `migrate` waits for another migration (a deploy racing a manual run).
+DEFAULT_MIGRATE_LOCK_TIMEOUT_SECONDS = 300.0
+_T = TypeVar("_T")
 
 
-class ConfigError(ValueError):
-    """A configuration value is missing or wrong; the message is one line for the operator."""
+class ConfigError(ValueError, argparse.ArgumentTypeError):
+    """A configuration value is missing or wrong; the message is one line for the operator.
+
+    Also an ArgumentTypeError, so a validator used as an argparse ``type=`` shows this
+    message, not argparse's generic "invalid value: '<the value>'" (which would echo
+    a DATABASE_URL's password).
+    """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Settings:
     """Everything the service reads from its environment."""
 
@@ -48,47 +60,75 @@ class Settings:
     bulk_batch_size: int = 10_000
     # "HH:MM" UTC for the built-in daily bulk backup, or "off".
     reset_schedule: str = "00:05"
+    migrate_lock_timeout_seconds: float = DEFAULT_MIGRATE_LOCK_TIMEOUT_SECONDS
     libpq_configured: bool = False
     # The listener's ledger cursor is stored under this name: stable across restarts.
     listener_name: str = dataclasses.field(default_factory=socket.gethostname)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, stdout_is_tty: bool | None = None) -> Settings:
-        """Build settings from a mapping such as os.environ; raises ConfigError."""
+        """Build settings from a mapping such as os.environ; raises ConfigError.
+
+        An empty variable means its default, for every variable.
+        """
         tty = sys.stdout.isatty() if stdout_is_tty is None else stdout_is_tty
-        log_format = env.get("LOG_FORMAT", "console" if tty else "json").strip().lower()
-        if log_format not in ("json", "console"):
-            raise ConfigError(f"LOG_FORMAT must be 'json' or 'console', got {log_format!r}")
-        log_level = env.get("LOG_LEVEL", "INFO").strip().upper()
-        if log_level not in LOG_LEVELS:
-            raise ConfigError(
-                f"LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}"
-            )
+
+        def read(name: str, check: Callable[[str, str], _T], default: _T) -> _T:
+            raw = env.get(name, "").strip()
+            return check(raw, name) if raw else default
+
         return cls(
-            database_url=_optional(env, "DATABASE_URL"),
+            database_url=read("DATABASE_URL", database_url, None),
             cron_secret=_optional(env, "CRON_SECRET"),
-            http_host=env.get("HTTP_HOST", cls.http_host).strip() or cls.http_host,
-            http_port=_int(env, "HTTP_PORT", cls.http_port, low=0, high=65535),
-            log_format=log_format,  # type: ignore[arg-type]  # checked just above
-            log_level=log_level,
-            watchdog_interval_seconds=_float(env, "WATCHDOG_INTERVAL_SECONDS", 60.0),
-            reset_grace_seconds=_float(env, "RESET_GRACE_SECONDS", 21600.0, low=0.0),
-            alertmanager_url=_http_url(env, "ALERTMANAGER_URL"),
-            catchup_interval_seconds=_float(env, "CATCHUP_INTERVAL_SECONDS", 30.0),
-            probe_interval_seconds=_float(env, "PROBE_INTERVAL_SECONDS", 15.0),
-            probe_timeout_seconds=_float(env, "PROBE_TIMEOUT_SECONDS", 5.0),
-            reconnect_max_seconds=_float(env, "RECONNECT_MAX_SECONDS", 30.0),
-            shutdown_timeout_seconds=_float(env, "SHUTDOWN_TIMEOUT_SECONDS", 10.0),
-            bulk_batch_size=_int(env, "BULK_BATCH_SIZE", 10_000, low=1, high=1_000_000),
-            reset_schedule=_schedule(env.get("RESET_SCHEDULE", cls.reset_schedule)),
+            http_host=read("HTTP_HOST", _text, cls.http_host),
+            http_port=read("HTTP_PORT", http_port, cls.http_port),
+            log_format=read("LOG_FORMAT", log_format, "console" if tty else "json"),
+            log_level=read("LOG_LEVEL", log_level, cls.log_level),
+            watchdog_interval_seconds=read("WATCHDOG_INTERVAL_SECONDS", seconds, 60.0),
+            reset_grace_seconds=read("RESET_GRACE_SECONDS", _seconds_or_zero, 21600.0),
+            alertmanager_url=read("ALERTMANAGER_URL", http_url, None),
+            catchup_interval_seconds=read("CATCHUP_INTERVAL_SECONDS", seconds, 30.0),
+            probe_interval_seconds=read("PROBE_INTERVAL_SECONDS", seconds, 15.0),
+            probe_timeout_seconds=read("PROBE_TIMEOUT_SECONDS", seconds, 5.0),
+            reconnect_max_seconds=read("RECONNECT_MAX_SECONDS", seconds, 30.0),
+            shutdown_timeout_seconds=read("SHUTDOWN_TIMEOUT_SECONDS", seconds, 10.0),
+            bulk_batch_size=read("BULK_BATCH_SIZE", batch_size, cls.bulk_batch_size),
+            reset_schedule=read("RESET_SCHEDULE", reset_schedule, cls.reset_schedule),
+            migrate_lock_timeout_seconds=read(
+                "MIGRATE_LOCK_TIMEOUT_SECONDS", seconds, DEFAULT_MIGRATE_LOCK_TIMEOUT_SECONDS
+            ),
             libpq_configured=any(env.get(k) for k in ("PGHOST", "PGSERVICE", "PGDATABASE")),
-            listener_name=_listener_name(env),
+            listener_name=read("LISTENER_NAME", listener_name, socket.gethostname()),
         )
 
-    def with_overrides(self, **changes: object) -> Settings:
-        """Command-line flags win over the environment; None means "not given"."""
-        given = {k: v for k, v in changes.items() if v is not None}
-        return dataclasses.replace(self, **given)  # type: ignore[arg-type]
+    def with_overrides(self, **changes: Unpack[Overrides]) -> Settings:
+        """Command-line flags win over the environment; None means "not given".
+
+        Each given value passes the same validator as its environment variable.
+        """
+        given: dict[str, Any] = {}
+        for key, value in changes.items():
+            if value is None:
+                continue
+            check = _CHECKS.get(key)
+            given[key] = value if check is None else check(value, _ENV_NAMES[key])
+        return dataclasses.replace(self, **given)
+
+    def __repr__(self) -> str:
+        """Every field, with the password, the cron secret and URL credentials as ***.
+
+        A Settings ends up in log lines and error reports; its secrets must not.
+        """
+        shown: dict[str, object] = {
+            field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+        }
+        if self.database_url is not None:
+            shown["database_url"] = redact_dsn(self.database_url)
+        if self.cron_secret is not None:
+            shown["cron_secret"] = REDACTED
+        if self.alertmanager_url is not None:
+            shown["alertmanager_url"] = redact_url(self.alertmanager_url)
+        return f"Settings({', '.join(f'{key}={value!r}' for key, value in shown.items())})"
 
     @property
     def database_configured(self) -> bool:
@@ -120,59 +160,167 @@ class Settings:
         return int(hour), int(minute)
 
 
+class Overrides(TypedDict, total=False):
+    """What `Settings.with_overrides` accepts: any field, None meaning "not given"."""
+
+    database_url: str | None
+    cron_secret: str | None
+    http_host: str | None
+    http_port: int | None
+    log_format: LogFormat | None
+    log_level: str | None
+    watchdog_interval_seconds: float | None
+    reset_grace_seconds: float | None
+    alertmanager_url: str | None
+    catchup_interval_seconds: float | None
+    probe_interval_seconds: float | None
+    probe_timeout_seconds: float | None
+    reconnect_max_seconds: float | None
+    shutdown_timeout_seconds: float | None
+    bulk_batch_size: int | None
+    reset_schedule: str | None
+    migrate_lock_timeout_seconds: float | None
+    libpq_configured: bool | None
+    listener_name: str | None
+
+
+# Validators: each takes the raw text of a variable or flag (or, from with_overrides,
+# the typed value) and the name to blame, and returns the normalised value or raises
+# ConfigError.  `flag(validator, "--name")` makes one an argparse `type=`.
+
+
+def database_url(value: str, name: str = "DATABASE_URL") -> str:
+    """A postgresql:// URL asyncpg accepts, checked without connecting; never echoed."""
+    value = value.strip()
+    try:
+        check_dsn(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name} {exc}") from None
+    return value
+
+
+def http_port(value: str | int, name: str = "HTTP_PORT") -> int:
+    """0-65535; 0 lets the kernel pick a free port."""
+    return _integer(value, name, low=0, high=65535)
+
+
+def batch_size(value: str | int, name: str = "BULK_BATCH_SIZE") -> int:
+    """Users per bulk transaction."""
+    return _integer(value, name, low=1, high=MAX_BATCH_SIZE)
+
+
+def log_level(value: str, name: str = "LOG_LEVEL") -> str:
+    """One of LOG_LEVELS, any case."""
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{name} must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
+    return level
+
+
+def log_format(value: str, name: str = "LOG_FORMAT") -> LogFormat:
+    """json or console, any case."""
+    chosen = value.strip().lower()
+    if chosen not in ("json", "console"):
+        raise ConfigError(f"{name} must be 'json' or 'console', got {value!r}")
+    return cast(LogFormat, chosen)
+
+
+def reset_schedule(value: str, name: str = "RESET_SCHEDULE") -> str:
+    """ "HH:MM" (UTC), or "off": the only way to turn the schedule off."""
+    chosen = value.strip().lower()
+    if chosen == "off":
+        return "off"
+    parts = chosen.split(":")
+    if len(parts) == 2 and all(p.isdigit() for p in parts):
+        hour, minute = int(parts[0]), int(parts[1])
+        if 0 <= hour < 24 and 0 <= minute < 60:
+            return f"{hour:02d}:{minute:02d}"
+    raise ConfigError(f"{name} must be 'HH:MM' (UTC) or 'off', got {value!r}")
+
+
+def seconds(value: str | float, name: str, *, low: float = 0.001) -> float:
+    """A finite number of seconds, at least `low`."""
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {value!r}") from None
+    else:
+        number = float(value)
+    if not math.isfinite(number) or number < low:
+        raise ConfigError(f"{name} must be a finite number >= {low}, got {value!r}")
+    return number
+
+
+def http_url(value: str, name: str) -> str:
+    """An http(s) URL; not echoed, it may carry basic-auth credentials."""
+    value = value.strip()
+    if not value.lower().startswith(("http://", "https://")):
+        raise ConfigError(f"{name} must be an http:// or https:// URL")
+    return value
+
+
+def listener_name(value: str, name: str = "LISTENER_NAME") -> str:
+    """1-200 printable characters (it is stored as the cursor's key)."""
+    value = value.strip()
+    if not value or len(value) > 200 or not value.isprintable():
+        raise ConfigError(f"{name} must be 1-200 printable characters")
+    return value
+
+
+def flag(validator: Callable[[str, str], _T], option: str) -> Callable[[str], _T]:
+    """The validator as an argparse ``type=``, blaming the option instead of the variable."""
+
+    def parse(raw: str) -> _T:
+        return validator(raw, option)
+
+    parse.__name__ = option
+    return parse
+
+
+def _seconds_or_zero(value: str | float, name: str) -> float:
+    return seconds(value, name, low=0.0)
+
+
+def _text(value: str, name: str) -> str:
+    return value.strip()
+
+
+def _integer(value: str | int, name: str, *, low: int, high: int) -> int:
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    else:
+        number = value
+    if isinstance(number, bool) or not low <= number <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {number}")
+    return number
+
+
 def _optional(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name, "").strip()
     return value or None
 
 
-def _listener_name(env: Mapping[str, str]) -> str:
-    value = env.get("LISTENER_NAME", "").strip() or socket.gethostname()
-    if len(value) > 200 or not value.isprintable():
-        raise ConfigError("LISTENER_NAME must be 1-200 printable characters")
-    return value
-
-
-def _http_url(env: Mapping[str, str], name: str) -> str | None:
-    value = _optional(env, name)
-    if value is not None and not value.lower().startswith(("http://", "https://")):
-        # The value is not echoed: it may carry basic-auth credentials.
-        raise ConfigError(f"{name} must be an http:// or https:// URL")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-    return value
-
-
-def _float(env: Mapping[str, str], name: str, default: float, *, low: float = 0.001) -> float:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-    if not math.isfinite(value) or value < low:
-        raise ConfigError(f"{name} must be a finite number >= {low}, got {raw!r}")
-    return value
-
-
-def _schedule(raw: str) -> str:
-    value = raw.strip().lower()
-    if value in ("off", "none", "false", "0", ""):
-        return "off"
-    parts = value.split(":")
-    if len(parts) == 2 and all(p.isdigit() for p in parts):
-        hour, minute = int(parts[0]), int(parts[1])
-        if 0 <= hour < 24 and 0 <= minute < 60:
-            return f"{hour:02d}:{minute:02d}"
-    raise ConfigError(f"RESET_SCHEDULE must be 'HH:MM' (UTC) or 'off', got {raw!r}")
+# with_overrides: the validator of each field that has one, and the name it blames.
+_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "database_url": database_url,
+    "http_port": http_port,
+    "log_format": log_format,
+    "log_level": log_level,
+    "watchdog_interval_seconds": seconds,
+    "reset_grace_seconds": _seconds_or_zero,
+    "alertmanager_url": http_url,
+    "catchup_interval_seconds": seconds,
+    "probe_interval_seconds": seconds,
+    "probe_timeout_seconds": seconds,
+    "reconnect_max_seconds": seconds,
+    "shutdown_timeout_seconds": seconds,
+    "bulk_batch_size": batch_size,
+    "reset_schedule": reset_schedule,
+    "migrate_lock_timeout_seconds": seconds,
+    "listener_name": listener_name,
+}
+_ENV_NAMES = {field.name: field.name.upper() for field in dataclasses.fields(Settings)}

@@ -1,21 +1,58 @@
-"""Opening connections the same way everywhere: DATABASE_URL, else libpq's PG* variables."""
+"""Opening connections the same way everywhere: DATABASE_URL, else libpq's PG* variables.
+
+Every connection of every command goes through `connect`, which owns the one default
+connect timeout: a server that accepts TCP and never answers (a half-dead host, a
+wrong port on a proxy) costs DEFAULT_CONNECT_TIMEOUT_SECONDS, not asyncpg's 60 s,
+and the error says where it waited (host:port, never the URL with its password).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, Final
 
 import asyncpg
 
 from listener.config import Settings
+from listener.dsn import DEFAULT_PORT, hosts
 
 APPLICATION_NAME = "token-reset"
+# Callers may pass another `timeout` (a cleanup path that must be quick, say).
+DEFAULT_CONNECT_TIMEOUT_SECONDS: Final = 10.0
 
 
-async def connect(settings: Settings, *, role: str = "cli", **kwargs: Any) -> asyncpg.Connection:
+class ConnectTimeout(TimeoutError):
+    """No connection within the timeout; the message names host:port, is one line."""
+
+
+async def connect(
+    settings: Settings,
+    *,
+    role: str = "cli",
+    timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,  # noqa: ASYNC109  # asyncpg's own keyword
+    **kwargs: Any,
+) -> asyncpg.Connection:
     """One connection, tagged in pg_stat_activity so an operator can tell ours apart."""
     server_settings = {"application_name": f"{APPLICATION_NAME}:{role}"}
     server_settings.update(kwargs.pop("server_settings", {}))
-    conn: asyncpg.Connection = await asyncpg.connect(
-        settings.database_url, server_settings=server_settings, **kwargs
-    )
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            settings.database_url, server_settings=server_settings, timeout=timeout, **kwargs
+        )
+    except TimeoutError:
+        # str(TimeoutError()) is empty: the operator would read "cannot connect: ".
+        raise ConnectTimeout(
+            f"connecting to {where(settings)} timed out after {timeout:g} s"
+        ) from None
     return conn
+
+
+def where(settings: Settings) -> str:
+    """host:port of the configured server(s), for messages; no credentials."""
+    if settings.database_url is not None:
+        named = hosts(settings.database_url)
+        if named:
+            return ", ".join(named)
+    host = os.environ.get("PGHOST", "").strip()
+    port = os.environ.get("PGPORT", "").strip() or str(DEFAULT_PORT)
+    return f"{host}:{port}" if host else "the default PostgreSQL server (PGHOST unset)"

@@ -61,7 +61,6 @@ DEFAULT_DATA_DIR = Path(".token-reset") / "demo-pgdata"
 DEMO_DATABASE = "token_reset_demo"  # the name sql/queries/demo.sql drops and creates
 MAX_USERS = 100_000
 WAIT_SECONDS = 30.0  # each wait on the service (ready, alert raised, metrics caught up)
-CONNECT_SECONDS = 10.0
 MIGRATE_SECONDS = 60.0
 # Fast enough that the gauges follow the story; the check is a few ms on a demo table.
 WATCHDOG_SECONDS = 0.5
@@ -179,13 +178,13 @@ class Demo:
     async def _prepare(self, admin_dsn: str, dsn: str, population: Population) -> None:
         """Drop and create the demo database, migrate it, create the users."""
         try:
-            admin = await connect(self._at(admin_dsn), role="demo", timeout=CONNECT_SECONDS)
+            admin = await connect(self._at(admin_dsn), role="demo")
             try:
                 await admin.execute(query("demo_drop_database"))
                 await admin.execute(query("demo_create_database"))
             finally:
                 await admin.close()
-            conn = await connect(self._at(dsn), role="demo", timeout=CONNECT_SECONDS)
+            conn = await connect(self._at(dsn), role="demo")
             try:
                 with anyio.fail_after(MIGRATE_SECONDS):
                     await apply_migrations(conn)
@@ -287,7 +286,7 @@ class Demo:
     async def _app_traffic(self, dsn: str, population: Population) -> None:
         """The application after midnight: each write resets its own user first."""
         pause = TRAFFIC_SECONDS / max(len(population.traffic), 1)
-        conn = await connect(self._at(dsn), role="demo-app", timeout=CONNECT_SECONDS)
+        conn = await connect(self._at(dsn), role="demo-app")
         try:
             for write in population.traffic:
                 name = "demo_deduct" if write.via == "function" else "demo_app_write"

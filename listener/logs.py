@@ -2,6 +2,10 @@
 
 The standard library's records (asyncpg, hypercorn) go through the same processors,
 so an SRE's log pipeline sees one format.  Configured once, at process start.
+
+Tracebacks never carry frame locals, in either format: structlog's defaults show them
+(``dict_tracebacks``, and rich's console tracebacks when rich is installed), and the
+locals of a failed connect or bulk run are the settings, the DSN and the cron secret.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ import structlog
 from structlog.typing import Processor
 
 from listener.config import LogFormat
+
+# File, line, function and the error itself; no variables.
+_JSON_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 _SHARED: list[Processor] = [
     structlog.contextvars.merge_contextvars,
@@ -30,9 +39,13 @@ def configure_logging(
     renderer: Processor
     if log_format == "json":
         renderer = structlog.processors.JSONRenderer()
-        tail: list[Processor] = [structlog.processors.dict_tracebacks]
+        tail: list[Processor] = [_JSON_TRACEBACKS]
     else:
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        # plain_traceback explicitly: the default is rich's or better-exceptions'
+        # formatter when either is installed, and both print every frame's locals.
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=False, exception_formatter=structlog.dev.plain_traceback
+        )
         tail = []
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=_SHARED,

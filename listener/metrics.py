@@ -109,6 +109,12 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.admin_unauthorized = Counter(
+            "token_reset_admin_unauthorized_total",
+            "Requests to the cron endpoint refused with 401 (missing, malformed or wrong "
+            "credentials); logged at most once per interval, counted here in full.",
+            registry=registry,
+        )
         self.bulk_last_success = Gauge(
             "token_reset_bulk_last_success_timestamp_seconds",
             "Unix time of the last bulk backup run that succeeded.",

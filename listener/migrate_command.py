@@ -21,7 +21,11 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
         print(f"token-reset: error: cannot connect to the database: {exc}", file=sys.stderr)
         return 1
     try:
-        report = await apply_migrations(conn, target=getattr(args, "target", None))
+        report = await apply_migrations(
+            conn,
+            target=getattr(args, "target", None),
+            lock_timeout_seconds=settings.migrate_lock_timeout_seconds,
+        )
     except MigrationError as exc:
         print(f"token-reset: error: {exc}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ from starlette.applications import Starlette
 from listener.clock import Clock, utc_now
 from listener.config import Settings
 from listener.connection import Backoff, DoorbellBuffer, ListenConnection, ProbeFailed
+from listener.database import DEFAULT_CONNECT_TIMEOUT_SECONDS
 from listener.http import create_app, run_http
 from listener.ledger import CatchUp, Ledger
 from listener.metrics import Metrics
@@ -40,7 +41,6 @@ from listener.watchdog import Watchdog
 
 log = structlog.get_logger("listener.service")
 
-CONNECT_TIMEOUT_SECONDS = 10.0
 # While reconnecting, log the 1st attempt, every Nth, and whenever the error changes.
 RECONNECT_LOG_EVERY = 10
 # Expected ways for a session to end: the database or the network went away.
@@ -217,7 +217,7 @@ class Service:
         """One connection's life: returns (was connected, error kind, reason) when it ends."""
         try:
             listen = await ListenConnection.open(
-                self.settings, self.buffer.offer, connect_seconds=CONNECT_TIMEOUT_SECONDS
+                self.settings, self.buffer.offer, connect_seconds=DEFAULT_CONNECT_TIMEOUT_SECONDS
             )
         except Exception as exc:
             _log_unexpected(exc)

@@ -22,8 +22,6 @@ from listener.config import Settings
 from listener.database import connect
 from listener.sql import query
 
-_CONNECT_TIMEOUT_SECONDS = 10.0
-
 
 async def gather_status(conn: asyncpg.Connection) -> dict[str, Any]:
     """The status as plain JSON-ready data."""
@@ -51,7 +49,7 @@ async def gather_status(conn: asyncpg.Connection) -> dict[str, Any]:
 async def command(settings: Settings, args: argparse.Namespace) -> int:
     """Print the status; exit 1 with one line when the database cannot answer."""
     try:
-        conn = await connect(settings, role="status", timeout=_CONNECT_TIMEOUT_SECONDS)
+        conn = await connect(settings, role="status")
     except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
         print(f"token-reset: error: cannot connect to the database: {exc}", file=sys.stderr)
         return 1

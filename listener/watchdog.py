@@ -254,7 +254,6 @@ class Watchdog:
             self._conn = await connect(
                 self.settings,
                 role="watchdog",
-                timeout=DB_TIMEOUT_SECONDS,
                 command_timeout=DB_TIMEOUT_SECONDS,
             )
         with anyio.fail_after(DB_TIMEOUT_SECONDS * 2):

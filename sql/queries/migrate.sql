@@ -1,12 +1,11 @@
 -- Queries of `token-reset migrate`.  Each block starts with
 -- "-- name: <name>" and takes its values as $n parameters.
-
--- name: migration_lock
--- Serialises concurrent `token-reset migrate` runs (session-level advisory lock).
-SELECT pg_advisory_lock(hashtext('token_reset.migrate'))
-
--- name: migration_unlock
-SELECT pg_advisory_unlock(hashtext('token_reset.migrate'))
+--
+-- Migrations serialise on a lock of the history table itself, taken in each
+-- migration's transaction: EXCLUSIVE mode conflicts with every lock but SELECT's
+-- ACCESS SHARE, and LOCK TABLE in that mode needs UPDATE/DELETE/TRUNCATE on the table,
+-- which nobody but the owner has (PUBLIC is revoked).  An advisory lock, which any
+-- role that can connect may take, would let anyone stall `migrate` forever.
 
 -- name: migration_history_create
 CREATE TABLE IF NOT EXISTS public.token_reset_migrations (
@@ -15,6 +14,46 @@ CREATE TABLE IF NOT EXISTS public.token_reset_migrations (
     checksum text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 )
+
+-- name: migration_lock_nowait
+LOCK TABLE public.token_reset_migrations IN EXCLUSIVE MODE NOWAIT
+
+-- name: migration_lock
+LOCK TABLE public.token_reset_migrations IN EXCLUSIVE MODE
+
+-- name: migration_lock_timeout_get
+SELECT current_setting('lock_timeout')
+
+-- name: migration_lock_timeout_set
+-- Transaction-local (SET LOCAL): not a startup parameter, which PgBouncer refuses.
+SELECT set_config('lock_timeout', $1, true)
+
+-- name: migration_lock_holders
+-- Who holds a lock that conflicts with ours (pid, application_name and user are
+-- visible to every role in pg_stat_activity).
+SELECT l.pid, a.application_name, a.usename, l.mode
+  FROM pg_catalog.pg_locks l
+  LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+ WHERE l.locktype = 'relation'
+   AND l.database = (SELECT oid FROM pg_catalog.pg_database WHERE datname = current_database())
+   AND l.relation = 'public.token_reset_migrations'::regclass
+   AND l.granted
+   AND l.mode <> 'AccessShareLock'
+   AND l.pid <> pg_backend_pid()
+ ORDER BY l.pid
+
+-- name: migration_history_public
+-- True when PUBLIC holds any privilege on the history (one would let anyone lock it).
+SELECT EXISTS (
+    SELECT 1
+      FROM pg_catalog.pg_class c,
+           aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) AS acl
+     WHERE c.oid = 'public.token_reset_migrations'::regclass
+       AND acl.grantee = 0
+)
+
+-- name: migration_history_revoke
+REVOKE ALL ON public.token_reset_migrations FROM PUBLIC
 
 -- name: migration_history
 SELECT version, name, checksum FROM public.token_reset_migrations ORDER BY version

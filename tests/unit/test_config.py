@@ -110,3 +110,81 @@ def test_flags_override_the_environment_and_none_means_not_given() -> None:
     settings = Settings.from_env({"HTTP_PORT": "9000", "LOG_LEVEL": "WARNING"})
     overridden = settings.with_overrides(http_port=0, log_level=None)
     assert (overridden.http_port, overridden.log_level) == (0, "WARNING")
+
+
+PASSWORD = "hQmZrKtWvXyPnLsJ"
+CRON = "cRoNsEcReTvAlUeWiThNoHeXiNiTaTaLlQzXwVbNmKjHgFdSaPoIuYtReWqAsDfGh"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "notaurl",
+        f"postgresql://app:{PASSWORD}@db:99999/app",
+        f"postgresql://app:{PASSWORD}@[::1/x",
+        f"mysql://app:{PASSWORD}@db/app",
+        f"postgresql://app:{PASSWORD}@db/app?sslmode=sometimes",
+    ],
+)
+def test_a_malformed_database_url_is_refused_at_start_without_echoing_it(url: str) -> None:
+    """Parsed without connecting: one message naming DATABASE_URL, no password in it."""
+    with pytest.raises(ConfigError, match="DATABASE_URL") as refused:
+        Settings.from_env({"DATABASE_URL": url})
+    assert PASSWORD[:8] not in str(refused.value)
+    with pytest.raises(ConfigError, match="DATABASE_URL"):
+        Settings().with_overrides(database_url=url)
+
+
+def test_an_empty_reset_schedule_means_the_default_and_only_off_turns_it_off() -> None:
+    """Like every other variable, empty is the default; `off` is the one way to say off."""
+    assert Settings.from_env({"RESET_SCHEDULE": ""}).schedule_time == (0, 5)
+    assert Settings.from_env({"RESET_SCHEDULE": "  "}).schedule_time == (0, 5)
+    assert Settings.from_env({"RESET_SCHEDULE": "OFF"}).schedule_time is None
+    for alias in ("none", "false", "0", "no"):
+        with pytest.raises(ConfigError, match="RESET_SCHEDULE"):
+            Settings.from_env({"RESET_SCHEDULE": alias})
+
+
+def test_migrate_lock_timeout_has_a_default_and_is_validated() -> None:
+    """MIGRATE_LOCK_TIMEOUT_SECONDS: 300 unless set; a number of seconds above zero."""
+    assert Settings.from_env({}).migrate_lock_timeout_seconds == 300.0
+    assert (
+        Settings.from_env({"MIGRATE_LOCK_TIMEOUT_SECONDS": "2.5"}).migrate_lock_timeout_seconds
+        == 2.5
+    )
+    for bad in ("0", "-1", "soon", "inf"):
+        with pytest.raises(ConfigError, match="MIGRATE_LOCK_TIMEOUT_SECONDS"):
+            Settings.from_env({"MIGRATE_LOCK_TIMEOUT_SECONDS": bad})
+
+
+def test_with_overrides_validates_like_the_environment() -> None:
+    """A flag's value obeys the same rules as the variable; values are normalised."""
+    settings = Settings()
+    assert settings.with_overrides(log_level="debug").log_level == "DEBUG"
+    assert settings.with_overrides(reset_schedule="7:5").reset_schedule == "07:05"
+    with pytest.raises(ConfigError, match="HTTP_PORT"):
+        settings.with_overrides(http_port=70000)
+    with pytest.raises(ConfigError, match="BULK_BATCH_SIZE"):
+        settings.with_overrides(bulk_batch_size=0)
+    with pytest.raises(ConfigError, match="LOG_LEVEL"):
+        settings.with_overrides(log_level="LOUD")
+    with pytest.raises(ConfigError, match="RESET_SCHEDULE"):
+        settings.with_overrides(reset_schedule="none")
+
+
+def test_repr_redacts_every_credential() -> None:
+    """A Settings in a log line or a traceback shows where, never the secrets."""
+    settings = Settings(
+        database_url=f"postgresql://app:{PASSWORD}@db:5432/app",
+        cron_secret=CRON,
+        alertmanager_url=f"https://am:{PASSWORD[::-1]}@alerts:9093",
+    )
+    text = repr(settings)
+    assert "postgresql://app:***@db:5432/app" in text
+    assert "https://***@alerts:9093" in text
+    assert "cron_secret='***'" in text
+    for secret in (PASSWORD, PASSWORD[::-1], CRON):
+        for start in range(len(secret) - 7):
+            assert secret[start : start + 8] not in text
+    assert str(settings) == text
+    assert "cron_secret=None" in repr(Settings())

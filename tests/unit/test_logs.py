@@ -11,6 +11,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import structlog
 
+from listener.config import LogFormat
 from listener.logs import configure_logging
 
 
@@ -102,3 +103,35 @@ def test_console_format_is_for_humans(stream: io.StringIO) -> None:
     assert "backend_pid=42" in text
     with pytest.raises(json.JSONDecodeError):
         json.loads(text.splitlines()[0])
+
+
+# Distinctive enough that no other text in a log line contains it by chance.
+LOCAL_SECRET = "pQzWxVmKrTnLsJhGfDyBcXaEuIoPlKjHgFdSaQwErTyUiOpZxCvBnMqWeRtYuIoP"
+
+
+def explode_holding_a_secret() -> None:
+    """Raise with a secret in a local variable, as connect(dsn=...) frames hold DSNs."""
+    dsn = f"postgresql://app:{LOCAL_SECRET}@db/app"
+    raise ConnectionError(f"cannot reach {len(dsn)}-character address")
+
+
+@pytest.mark.parametrize("log_format", ["json", "console"])
+def test_tracebacks_never_show_frame_locals(stream: io.StringIO, log_format: LogFormat) -> None:
+    """A logged traceback names files, lines and the error, never a frame's variables.
+
+    structlog's defaults show locals (dict_tracebacks; rich's console tracebacks when
+    rich is installed), and locals are where DSNs, settings and secrets live.
+    """
+    configure_logging(log_format, "INFO", stream=stream)
+    try:
+        explode_holding_a_secret()
+    except ConnectionError:
+        structlog.get_logger("listener.test").exception("listener_task_failed")
+    try:
+        explode_holding_a_secret()
+    except ConnectionError:
+        logging.getLogger("asyncpg").exception("stdlib record with a traceback")
+    text = stream.getvalue()
+    assert "explode_holding_a_secret" in text  # the traceback is there
+    assert "cannot reach" in text
+    assert LOCAL_SECRET[:8] not in text

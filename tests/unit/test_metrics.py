@@ -30,6 +30,7 @@ CONTRACT = {
     "token_reset_bulk_runs_total": ("counter", {"outcome"}),
     "token_reset_bulk_last_success_timestamp_seconds": ("gauge", set()),
     "token_reset_task_up": ("gauge", {"task"}),
+    "token_reset_admin_unauthorized_total": ("counter", set()),
 }
 # Labels whose values could be a person: none may ever exist.
 FORBIDDEN_LABELS = {"user", "user_id", "uid", "email", "account", "customer", "id"}
