@@ -186,7 +186,7 @@ def _check_history(history: dict[int, asyncpg.Record], available: tuple[Migratio
                 f"database has migration {version} ({row['name']}) that this version does not "
                 "ship: it was migrated by a newer release"
             )
-        if row["checksum"] != migration.checksum:
+        if not migration.accepts(row["checksum"]):
             raise MigrationError(
                 f"migration {version}_{migration.name}.sql was edited after it was applied "
                 "(checksum differs): add a new migration instead"

@@ -15,6 +15,12 @@ from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
 
+# Checksums recorded by releases that hashed the whole text, comments included.
+RELEASED_CHECKSUMS = {
+    1: "6bc27bd31e44ca2669975318eb7fc2de95ab694785441d0251f2952493f0d6c4",
+    2: "47aee91fb2b6a86181e26e4acac667a1690e2b4ff2e428164a9a2dc9bce703bb",
+    3: "3d2970d1ffe2e9a0856fec087981327395e5857d2990aed678fec3df3ddf43d7",
+}
 _MIGRATION_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
 _QUERY_HEADER = re.compile(r"^-- name: (?P<name>[a-z0-9_]+)\s*$", re.MULTILINE)
 
@@ -29,8 +35,19 @@ class Migration:
 
     @property
     def checksum(self) -> str:
-        """SHA-256 of the text: an edited, already-applied migration is caught."""
-        return hashlib.sha256(self.sql.encode()).hexdigest()
+        """SHA-256 of the code: an edited, already-applied migration is caught.
+
+        Lines that are only a comment are left out, so a comment can be corrected (a
+        reference to a file that moved) without making every database refuse the file.
+        """
+        code = "\n".join(
+            line.rstrip() for line in self.sql.splitlines() if not line.lstrip().startswith("--")
+        )
+        return hashlib.sha256(code.encode()).hexdigest()
+
+    def accepts(self, recorded: str) -> bool:
+        """True when `recorded` is this migration's checksum, now or as first released."""
+        return recorded in (self.checksum, RELEASED_CHECKSUMS.get(self.version))
 
 
 def sql_root() -> Traversable:

@@ -1,10 +1,11 @@
 -- 0001_initial: tables, ledger, period arithmetic, reset functions, triggers, view.
 --
 -- Public names (user_tokens, token_transactions, deduct_tokens, ... ) are the
--- contract of ../shared/DESIGN.md section 3.  Internal helpers share the prefix
+-- contract README.md states ("The SQL contract").  Internal helpers share the prefix
 -- token_reset_.  Every function that runs with its owner's rights pins
 -- search_path with pg_catalog first, so no schema on the caller's path can
--- shadow a built-in.
+-- shadow a built-in.  (Not enough where PUBLIC may CREATE in public: an exact-type
+-- look-alike there still wins; 0004 takes public off the path.)
 
 -- ---------------------------------------------------------------- roles ----
 -- The application role gets EXECUTE on the public functions and may read and
@@ -136,7 +137,7 @@ BEGIN
         EXECUTE pg_catalog.format(
             'CREATE OR REPLACE FUNCTION public.token_reset_zone() RETURNS text '
             'LANGUAGE sql STABLE PARALLEL SAFE AS $f$ SELECT %L::text $f$', p_timezone);
-        -- The trigger's WHEN clause carries the zone itself (see 0004's header).
+        -- The trigger's WHEN clause carries the zone itself (see its comment below).
         EXECUTE pg_catalog.format(
             'CREATE OR REPLACE TRIGGER user_tokens_reset_on_write '
             'BEFORE UPDATE ON public.user_tokens FOR EACH ROW '

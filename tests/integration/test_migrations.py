@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from listener.migrate import MigrationError, apply_migrations
-from listener.sql import migrations
+from listener.sql import RELEASED_CHECKSUMS, Migration, migrations
 from tests.database import TestServer, unique_name
 
 pytestmark = pytest.mark.anyio
@@ -190,3 +190,28 @@ def test_wheel_carries_the_sql_folder(tmp_path: Path) -> None:
     for migration in migrations():
         assert f"listener/sql/migrations/{migration.version:04d}_{migration.name}.sql" in names
     assert any(n.startswith("listener/sql/queries/") for n in names)
+
+
+async def test_databases_migrated_by_the_first_release_keep_migrating(database_url: str) -> None:
+    """That release recorded checksums of the whole text; comments have been corrected
+    since (a comment-only edit keeps the checksum now), and its records are accepted."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        for version, checksum in RELEASED_CHECKSUMS.items():
+            await conn.execute(
+                "UPDATE token_reset_migrations SET checksum = $2 WHERE version = $1",
+                version,
+                checksum,
+            )
+        report = await apply_migrations(conn)
+        assert report.applied == ()
+    finally:
+        await conn.close()
+
+
+def test_a_comment_only_edit_keeps_the_checksum_and_a_code_edit_does_not() -> None:
+    original = Migration(9, "x", "-- says one thing\nSELECT 1;\n")
+    recommented = Migration(9, "x", "-- says another thing\n  -- and more\nSELECT 1;\n")
+    edited = Migration(9, "x", "-- says one thing\nSELECT 2;\n")
+    assert original.checksum == recommented.checksum
+    assert original.checksum != edited.checksum
