@@ -23,8 +23,10 @@ from listener.sql import Migration, migrations, query
 
 log = structlog.get_logger("listener.migrate")
 
-# The first migration whose settings and privileges are derived by functions of its own.
+# The first migration whose settings and privileges are derived by functions of its own,
+# and the first with a partitioned ledger.
 DERIVED_OBJECTS_SINCE = 4
+PARTITIONED_SINCE = 6
 
 # Two first runs creating the history table at once: the loser's CREATE TABLE IF NOT
 # EXISTS fails on the catalog's unique index; the next attempt sees the table.
@@ -74,6 +76,8 @@ async def apply_migrations(
                 missing: tuple[str, ...] = ()
                 if current >= DERIVED_OBJECTS_SINCE:
                     missing = await _apply_derived(conn)
+                if current >= PARTITIONED_SINCE:
+                    await conn.execute(query("migration_ensure_partitions"))
                 return MigrationReport(
                     tuple(applied), current_version=current, missing_roles=missing
                 )

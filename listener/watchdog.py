@@ -141,11 +141,12 @@ class AlertTracker:
 
 
 async def fetch_snapshot(conn: asyncpg.Connection) -> Snapshot:
-    """Fold the usage counters, then run the watchdog's one query.
+    """Create the ledger's coming partitions, fold the usage counters, then check.
 
     The fold keeps the snapshot's cost at the writes since the last check, whatever the
     number of users; it commits on its own, so a failed snapshot loses nothing.
     """
+    await conn.execute(query("watchdog_partitions"), timeout=DB_TIMEOUT_SECONDS)
     await conn.execute(query("watchdog_compact"), timeout=DB_TIMEOUT_SECONDS)
     row = await conn.fetchrow(query("watchdog_snapshot"), timeout=DB_TIMEOUT_SECONDS)
     if row is None:  # a SELECT without FROM filter always returns a row

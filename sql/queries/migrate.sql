@@ -68,3 +68,7 @@ SELECT public.token_reset_apply_settings()
 -- name: migration_apply_privileges
 -- The declared privileges, applied again; returns the roles that do not exist.
 SELECT public.token_reset_apply_privileges()
+
+-- name: migration_ensure_partitions
+-- The ledger's partitions for this period and the next three (0006).
+SELECT public.token_reset_ensure_partitions()

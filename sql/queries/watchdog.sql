@@ -1,6 +1,11 @@
 -- Queries of the missed-reset watchdog (listener/watchdog.py).  Each block starts
 -- with "-- name: <name>" and takes its values as $n parameters.
 
+-- name: watchdog_partitions
+-- The ledger's partitions for this period and the next three (0006): cheap when they
+-- exist, which is every check but the one after a month begins.
+SELECT public.token_reset_ensure_partitions()
+
 -- name: watchdog_compact
 -- Folds the usage counters' deltas (0005) so the snapshot reads one row per period:
 -- its cost is the writes since the last fold, not the number of users.
@@ -24,7 +29,7 @@ SELECT public.token_reset_compact_counters()
 --                 built-in schedule, the endpoint, or `token-reset reset` in a cron).
 --   previous_period_had_usage: a reset this period or a stale user proves it for
 --                 free; only when neither exists (the quiet or the broken case) is
---                 the deduct probe over last period's created_at range (BRIN) run.
+--                 the probe for a deduction in last period's ledger partition run.
 -- MATERIALIZED: the CASE reads the counts twice; without it they would be computed
 -- twice.
 WITH counts AS MATERIALIZED (
@@ -50,15 +55,6 @@ SELECT pg_catalog.now() AS database_now,
          WHERE r.outcome = 'success') AS last_bulk_success_at,
        CASE
            WHEN c.stale_users > 0 OR c.month_resets > 0 THEN true
-           ELSE EXISTS (
-               SELECT 1
-                 FROM public.token_transactions t
-                WHERE t.created_at >= pg_catalog.timezone(
-                          public.token_reset_zone(),
-                          pg_catalog.timezone(public.token_reset_zone(),
-                                              public.token_reset_period_start())
-                          - interval '1 month')
-                  AND t.created_at < (SELECT public.token_reset_period_start())
-                  AND t.operation = 'deduct')
+           ELSE public.token_reset_previous_period_had_usage()
        END AS previous_period_had_usage
   FROM counts c

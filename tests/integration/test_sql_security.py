@@ -41,6 +41,7 @@ DECLARED_RELATIONS: dict[str, dict[str, set[str]]] = {
     "token_reset_bulk_lock": {},
     "token_reset_usage_deltas": {},
     "token_reset_usage": {LISTENER: {"SELECT"}},
+    "token_reset_declared_privileges": {},
     "token_reset_migrations": {},
 }
 # Routine signature -> roles with EXECUTE.  Everything else is the owner's alone.
@@ -62,6 +63,8 @@ DECLARED_ROUTINES: dict[str, set[str]] = {
     "token_reset_bulk_committing(integer)": {LISTENER},
     "token_reset_sql_run_source(text)": {LISTENER},
     "token_reset_compact_counters()": {LISTENER},
+    "token_reset_ensure_partitions(integer)": {LISTENER},
+    "token_reset_previous_period_had_usage()": {LISTENER},
     # read-only period arithmetic, for anyone
     "token_reset_period_start()": {PUBLIC},
     "token_reset_period_label(timestamp with time zone)": {PUBLIC},
@@ -83,6 +86,8 @@ DECLARED_ROUTINES: dict[str, set[str]] = {
     "token_reset_ledger_is_append_only()": set(),
     "token_reset_count_usage()": set(),
     "token_reset_recount_usage()": set(),
+    "token_reset_erase_user(uuid)": set(),
+    "token_reset_drop_periods(integer,boolean)": set(),
 }
 
 ACTUAL_RELATIONS = """
@@ -90,7 +95,7 @@ SELECT c.relname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole:
        a.privilege_type
   FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
  WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v', 'p', 'm', 'f')
-   AND a.grantee <> c.relowner
+   AND a.grantee <> c.relowner AND NOT c.relispartition
 UNION ALL
 SELECT c.relname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
        a.privilege_type || '(' || att.attname || ')'
@@ -113,7 +118,7 @@ async def test_privileges_are_exactly_the_declared_matrix(conn: asyncpg.Connecti
     relations: dict[str, dict[str, set[str]]] = {}
     for name in await conn.fetch(
         "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
-        " AND relkind IN ('r', 'v', 'p', 'm', 'f')"
+        " AND relkind IN ('r', 'v', 'p', 'm', 'f') AND NOT relispartition"
     ):
         relations[name[0]] = {}
     for relname, grantee, privilege in await conn.fetch(ACTUAL_RELATIONS):
@@ -124,6 +129,23 @@ async def test_privileges_are_exactly_the_declared_matrix(conn: asyncpg.Connecti
         for signature, grantees in await conn.fetch(ACTUAL_ROUTINES)
     }
     assert routines == DECLARED_ROUTINES
+
+
+async def test_ledger_partitions_grant_nothing_of_their_own(conn: asyncpg.Connection) -> None:
+    """Roles read the ledger through its parent; a partition is the owner's alone."""
+    grants = await conn.fetch(
+        "SELECT c.relname, a.grantee::regrole::text, a.privilege_type"
+        "  FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a"
+        " WHERE c.relispartition AND c.relnamespace = 'public'::regnamespace"
+        "   AND a.grantee <> c.relowner"
+    )
+    assert grants == []
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'token_transactions'::regclass"
+        )
+        >= 5
+    )  # default + this period + three ahead
 
 
 async def test_privileges_are_reapplied_for_roles_created_after_migrating(
@@ -405,6 +427,11 @@ DEFINER_CALLS: dict[str, tuple[str, str]] = {
         "INSERT INTO user_tokens (user_id) VALUES (gen_random_uuid())",
     ),
     "token_reset_compact_counters()": (LISTENER, "SELECT token_reset_compact_counters()"),
+    "token_reset_ensure_partitions(integer)": (LISTENER, "SELECT token_reset_ensure_partitions(5)"),
+    "token_reset_previous_period_had_usage()": (
+        LISTENER,
+        "SELECT token_reset_previous_period_had_usage()",
+    ),
 }
 
 
@@ -426,8 +453,9 @@ async def test_no_definer_code_resolves_anything_a_non_owner_can_create(
     assert set(definers) == set(DEFINER_CALLS)
     for signature, config in definers.items():
         assert config[0] == "search_path=pg_catalog, pg_temp", signature
-        # The only other setting: the usage counters' switch, forced off on entry.
-        assert set(config[1:]) <= {"token_reset.counting="}, signature
+        # The only other settings: the usage counters' switch, forced off on entry, and
+        # the partition DDL's lock timeout.
+        assert set(config[1:]) <= {"token_reset.counting=", "lock_timeout=2s"}, signature
     await conn.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
     async with (
         login_role(conn, database_url, None) as attacker_url,

@@ -134,8 +134,9 @@ async def test_zero_resets_although_last_period_had_usage(
     user_id = await conn.fetchval("SELECT user_id FROM user_tokens")
     # A deduction last period (the ledger accepts explicit times; rows are append-only).
     await conn.execute(
-        "INSERT INTO token_transactions (user_id, operation, feature, amount, created_at) "
-        "VALUES ($1, 'deduct', 'chat', 9, token_reset_period_start() - interval '3 days')",
+        "INSERT INTO token_transactions (user_id, operation, feature, amount, created_at, period) "
+        "VALUES ($1, 'deduct', 'chat', 9, token_reset_period_start() - interval '3 days',"
+        " token_reset_period_label(token_reset_period_start() - interval '3 days'))",
         user_id,
     )
     metrics = Metrics.fresh()
@@ -152,8 +153,9 @@ async def test_usage_two_periods_ago_does_not_count_as_last_period(
     """Only the previous period's ledger rows say 'last month had usage'."""
     await add_users(conn, 1, used=0, last_reset="now()")
     await conn.execute(
-        "INSERT INTO token_transactions (user_id, operation, feature, amount, created_at) "
-        "SELECT user_id, 'deduct', 'chat', 9, token_reset_period_start() - interval '45 days' "
+        "INSERT INTO token_transactions (user_id, operation, feature, amount, created_at, period) "
+        "SELECT user_id, 'deduct', 'chat', 9, token_reset_period_start() - interval '45 days', "
+        "token_reset_period_label(token_reset_period_start() - interval '45 days') "
         "FROM user_tokens"
     )
     metrics = Metrics.fresh()
