@@ -22,7 +22,7 @@ import asyncpg
 import structlog
 
 from listener.config import Settings
-from listener.connection import Backoff
+from listener.connection import Backoff, enable_keepalive
 from listener.database import ConnectTimeout, connect
 from listener.metrics import Metrics
 from listener.sql import query
@@ -349,7 +349,10 @@ async def run_bulk_reset(
             role="bulk",
             server_settings={"lock_timeout": LOCK_TIMEOUT},
         )
-        result = await run.execute(conn)
+        # The kernel notices a dead peer; the deadline bounds a live but stalled one.
+        enable_keepalive(conn)
+        with anyio.fail_after(settings.bulk_run_timeout_seconds):
+            result = await run.execute(conn)
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True):
             await run.after_failure(conn, "cancelled")
@@ -404,6 +407,8 @@ def _describe(exc: BaseException) -> str:
         text = f"database error {exc.sqlstate}: {first_line}"
     elif isinstance(exc, BulkLockSquatted):
         text = str(exc)
+    elif isinstance(exc, TimeoutError):
+        text = "the run did not finish within BULK_RUN_TIMEOUT_SECONDS: stopped, its lock released"
     elif isinstance(exc, OSError | asyncpg.InterfaceError):
         text = f"database unreachable or connection lost ({type(exc).__name__})"
     else:

@@ -58,6 +58,9 @@ class Settings:
     reconnect_max_seconds: float = 30.0
     shutdown_timeout_seconds: float = 10.0
     bulk_batch_size: int = 10_000
+    # A bulk run that has not finished by then fails (and releases its lock): a stalled
+    # backend must not make every other caller answer "skipped" for ever.
+    bulk_run_timeout_seconds: float = 3600.0
     # "HH:MM" UTC for the built-in daily bulk backup, or "off".
     reset_schedule: str = "00:05"
     migrate_lock_timeout_seconds: float = DEFAULT_MIGRATE_LOCK_TIMEOUT_SECONDS
@@ -93,6 +96,7 @@ class Settings:
             reconnect_max_seconds=read("RECONNECT_MAX_SECONDS", seconds, 30.0),
             shutdown_timeout_seconds=read("SHUTDOWN_TIMEOUT_SECONDS", seconds, 10.0),
             bulk_batch_size=read("BULK_BATCH_SIZE", batch_size, cls.bulk_batch_size),
+            bulk_run_timeout_seconds=read("BULK_RUN_TIMEOUT_SECONDS", seconds, 3600.0),
             reset_schedule=read("RESET_SCHEDULE", reset_schedule, cls.reset_schedule),
             migrate_lock_timeout_seconds=read(
                 "MIGRATE_LOCK_TIMEOUT_SECONDS", seconds, DEFAULT_MIGRATE_LOCK_TIMEOUT_SECONDS
