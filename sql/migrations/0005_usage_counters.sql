@@ -81,9 +81,9 @@ END
 $$;
 
 -- The row trigger: one delta row per counted change.  Our reset chain sets
--- token_reset.counting = 'self' around its own UPDATEs and counts them itself; every
--- function that writes user_tokens resets the setting on entry, so a session cannot
--- switch counting off for the functions it calls.
+-- token_reset.counting = 'self' around its own UPDATEs and counts them itself; the
+-- functions that write user_tokens directly reset the setting first (below), so a
+-- session cannot switch counting off for the functions it calls.
 CREATE FUNCTION public.token_reset_count_usage() RETURNS trigger
     LANGUAGE plpgsql
     SECURITY DEFINER
@@ -221,16 +221,31 @@ BEGIN
 END
 $$;
 
--- Every function that writes user_tokens on a caller's behalf resets the counting
--- switch on entry (a session that set it could otherwise hide its own writes).
-ALTER FUNCTION public.deduct_tokens(uuid, bigint, text) SET token_reset.counting = '';
-ALTER FUNCTION public.grant_tokens(uuid, bigint, text) SET token_reset.counting = '';
-ALTER FUNCTION public.set_token_limit(uuid, bigint) SET token_reset.counting = '';
-ALTER FUNCTION public.reset_user_tokens_if_needed(uuid) SET token_reset.counting = '';
-ALTER FUNCTION public.reset_monthly_tokens_for_all_users() SET token_reset.counting = '';
-ALTER FUNCTION public.auto_reset_monthly_tokens() SET token_reset.counting = '';
-ALTER FUNCTION public.token_reset_bulk_batch(uuid, integer) SET token_reset.counting = '';
-ALTER FUNCTION public.token_reset_bulk_final_pass() SET token_reset.counting = '';
+-- deduct_tokens, grant_tokens and set_token_limit write user_tokens themselves (every
+-- other path writes through the reset chain, which counts itself).  All three check
+-- their amount first, so that check also turns the counting switch back off: a
+-- session that set it could otherwise hide its own first deduction of a period.  (A
+-- per-function SET clause would do it too, but a role without superuser may not put a
+-- custom setting there, and managed PostgreSQL gives none.)
+CREATE OR REPLACE FUNCTION public.token_reset_checked_amount(p_amount bigint, p_allow_zero boolean)
+RETURNS integer
+    LANGUAGE plpgsql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM set_config('token_reset.counting', '', true);
+    IF p_amount IS NULL OR p_amount < 0 OR (p_amount = 0 AND NOT p_allow_zero) THEN
+        RAISE EXCEPTION 'amount must be a % integer, got %',
+                CASE WHEN p_allow_zero THEN 'non-negative' ELSE 'positive' END, p_amount
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_amount > 2147483647 THEN
+        RAISE EXCEPTION 'amount % is out of range (at most 2147483647)', p_amount
+            USING ERRCODE = 'numeric_value_out_of_range';
+    END IF;
+    RETURN p_amount::integer;
+END
+$$;
 
 -- ------------------------------------------------------------ privileges ---
 -- The declared set (0004), with the counters: the listener folds and reads them.

@@ -453,9 +453,8 @@ async def test_no_definer_code_resolves_anything_a_non_owner_can_create(
     assert set(definers) == set(DEFINER_CALLS)
     for signature, config in definers.items():
         assert config[0] == "search_path=pg_catalog, pg_temp", signature
-        # The only other settings: the usage counters' switch, forced off on entry, and
-        # the partition DDL's lock timeout.
-        assert set(config[1:]) <= {"token_reset.counting=", "lock_timeout=2s"}, signature
+        # The only other setting: the partition DDL's lock timeout.
+        assert set(config[1:]) <= {"lock_timeout=2s"}, signature
     await conn.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")
     async with (
         login_role(conn, database_url, None) as attacker_url,

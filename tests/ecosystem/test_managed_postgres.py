@@ -1,0 +1,86 @@
+"""Managed PostgreSQL (RDS, Cloud SQL, Supabase): the migrating role owns its database but
+may not create roles.  A cluster of its own, so the group roles really do not exist."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+
+from listener.embedded import EmbeddedPostgres, private_data_root
+from listener.migrate import apply_migrations
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+OWNER = "app_owner"
+
+
+@pytest.fixture(scope="module")
+def bare_cluster() -> Iterator[EmbeddedPostgres]:
+    with private_data_root("token-reset-managed-") as root:
+        server = EmbeddedPostgres(data_dir=root / "pgdata", settings={"fsync": "off"})
+        server.start()
+        try:
+            yield server
+        finally:
+            with contextlib.suppress(Exception):
+                server.destroy()
+
+
+async def test_migrate_without_createrole_works_and_names_the_missing_roles(
+    bare_cluster: EmbeddedPostgres,
+) -> None:
+    admin = await asyncpg.connect(bare_cluster.dsn)
+    try:
+        await admin.execute(f"CREATE ROLE {OWNER} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB")
+        await admin.execute(f"CREATE DATABASE tokens OWNER {OWNER}")
+    finally:
+        await admin.close()
+    owner_url = bare_cluster.dsn_for("tokens").replace("://postgres@", f"://{OWNER}@")
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(DATABASE_URL=owner_url, LOG_FORMAT="json")
+    done = subprocess.run(  # noqa: ASYNC221 (a one-shot CLI run, nothing else waits)
+        [sys.executable, "-m", "listener", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert sorted(report["missing_roles"]) == ["token_reset_app", "token_reset_listener"]
+    warnings = [line for line in done.stderr.splitlines() if '"roles_missing"' in line]
+    assert len(warnings) == 1
+
+    conn = await asyncpg.connect(owner_url)
+    try:
+        user = await conn.fetchval("SELECT gen_random_uuid()")
+        await conn.execute("INSERT INTO user_tokens (user_id) VALUES ($1)", user)
+        answer = json.loads(await conn.fetchval("SELECT deduct_tokens($1, 3, 'chat')", user))
+        assert answer["used"] == 3
+
+        admin = await asyncpg.connect(bare_cluster.dsn)
+        try:  # what the DBA runs, from README
+            await admin.execute("CREATE ROLE token_reset_app NOLOGIN")
+            await admin.execute("CREATE ROLE token_reset_listener NOLOGIN")
+        finally:
+            await admin.close()
+        again = await apply_migrations(conn)
+        assert again.missing_roles == ()
+        assert await conn.fetchval(
+            "SELECT has_function_privilege('token_reset_app',"
+            " 'deduct_tokens(uuid, bigint, text)', 'EXECUTE')"
+            " AND has_table_privilege('token_reset_listener', 'token_reset_listener_cursors',"
+            " 'INSERT')"
+            " AND NOT has_table_privilege('token_reset_app', 'user_tokens', 'UPDATE')"
+        )
+    finally:
+        await conn.close()
