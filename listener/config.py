@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from listener.slots import DEFAULT_SCHEDULE, ScheduleSpec, parse_schedule
+
 LogFormat = Literal["json", "console"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A bearer secret shorter than this is guessable online; refused at start-up.
@@ -46,8 +48,9 @@ class Settings:
     reconnect_max_seconds: float = 30.0
     shutdown_timeout_seconds: float = 10.0
     bulk_batch_size: int = 10_000
-    # "HH:MM" UTC for the built-in daily bulk backup, or "off".
-    reset_schedule: str = "00:05"
+    # The built-in bulk backup: five cron fields read in the period zone, "HH:MM"
+    # (daily, UTC), or "off".  Stored normalised; `schedule` is the parsed form.
+    reset_schedule: str = DEFAULT_SCHEDULE
     libpq_configured: bool = False
     # The listener's ledger cursor is stored under this name: stable across restarts.
     listener_name: str = dataclasses.field(default_factory=socket.gethostname)
@@ -112,12 +115,9 @@ class Settings:
             )
 
     @property
-    def schedule_time(self) -> tuple[int, int] | None:
-        """(hour, minute) UTC of the daily bulk backup, or None when turned off."""
-        if self.reset_schedule == "off":
-            return None
-        hour, minute = self.reset_schedule.split(":")
-        return int(hour), int(minute)
+    def schedule(self) -> ScheduleSpec | None:
+        """The built-in bulk backup's cron expression and zone, or None when turned off."""
+        return parse_schedule(self.reset_schedule)
 
 
 def _optional(env: Mapping[str, str], name: str) -> str | None:
@@ -167,12 +167,13 @@ def _float(env: Mapping[str, str], name: str, default: float, *, low: float = 0.
 
 
 def _schedule(raw: str) -> str:
-    value = raw.strip().lower()
-    if value in ("off", "none", "false", "0", ""):
+    try:
+        spec = parse_schedule(raw)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if spec is None:
         return "off"
-    parts = value.split(":")
-    if len(parts) == 2 and all(p.isdigit() for p in parts):
-        hour, minute = int(parts[0]), int(parts[1])
-        if 0 <= hour < 24 and 0 <= minute < 60:
-            return f"{hour:02d}:{minute:02d}"
-    raise ConfigError(f"RESET_SCHEDULE must be 'HH:MM' (UTC) or 'off', got {raw!r}")
+    if spec.utc:  # keep the operator's form: it says "UTC" to whoever reads it back
+        hour, minute = (int(f) for f in reversed(spec.expression.split()[:2]))
+        return f"{hour:02d}:{minute:02d}"
+    return spec.expression

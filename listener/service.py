@@ -123,7 +123,7 @@ class Service:
         self.watchdog = Watchdog(settings, self.metrics, clock=clock)
         self.scheduler = (
             Scheduler(settings, self.metrics, clock=clock)
-            if settings.schedule_time is not None
+            if settings.schedule is not None
             else None
         )
         self._group_scope: anyio.CancelScope | None = None
