@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from listener.destinations import DestinationError, load_destinations, split_urls
 from listener.slots import DEFAULT_SCHEDULE, ScheduleSpec, parse_schedule
 
 LogFormat = Literal["json", "console"]
@@ -51,6 +52,10 @@ class Settings:
     # The built-in bulk backup: five cron fields read in the period zone, "HH:MM"
     # (daily, UTC), or "off".  Stored normalised; `schedule` is the parsed form.
     reset_schedule: str = DEFAULT_SCHEDULE
+    # Rollover notices: apprise URLs (secrets: kept out of repr), and the first retry
+    # delay after a failed send (doubling, capped at an hour).
+    notice_urls: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    notice_retry_seconds: float = 30.0
     libpq_configured: bool = False
     # The listener's ledger cursor is stored under this name: stable across restarts.
     listener_name: str = dataclasses.field(default_factory=socket.gethostname)
@@ -84,6 +89,8 @@ class Settings:
             shutdown_timeout_seconds=_float(env, "SHUTDOWN_TIMEOUT_SECONDS", 10.0),
             bulk_batch_size=_int(env, "BULK_BATCH_SIZE", 10_000, low=1, high=1_000_000),
             reset_schedule=_schedule(env.get("RESET_SCHEDULE", cls.reset_schedule)),
+            notice_urls=_notice_urls(env),
+            notice_retry_seconds=_float(env, "NOTICE_RETRY_SECONDS", 30.0),
             libpq_configured=any(env.get(k) for k in ("PGHOST", "PGSERVICE", "PGDATABASE")),
             listener_name=_listener_name(env),
         )
@@ -138,6 +145,17 @@ def _http_url(env: Mapping[str, str], name: str) -> str | None:
         # The value is not echoed: it may carry basic-auth credentials.
         raise ConfigError(f"{name} must be an http:// or https:// URL")
     return value
+
+
+def _notice_urls(env: Mapping[str, str]) -> tuple[str, ...]:
+    """NOTICE_URLS, each checked by apprise now; an error names a position, never a URL."""
+    urls = split_urls(env.get("NOTICE_URLS", ""))
+    if urls:
+        try:
+            load_destinations(urls)
+        except DestinationError as exc:
+            raise ConfigError(str(exc)) from None
+    return urls
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
