@@ -1,4 +1,4 @@
-"""The `token-reset` command line: listen, migrate, reset, status, demo.
+"""The `token-reset` command line: listen, migrate, reset, status, notify, demo.
 
 Configuration comes from the environment (see listener.config); flags override it.
 Each subcommand's work lives in its own module as ``async def command(settings, args)``;
@@ -42,6 +42,7 @@ _COMMANDS = {
     "migrate": "listener.migrate_command",
     "reset": "listener.bulk_command",
     "status": "listener.status",
+    "notify": "listener.notices",
     "demo": "listener.demo",
 }
 # Commands that refuse to run without a configured database (no silent fallback).
@@ -114,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="who still needs a reset, last runs")
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    notify = sub.add_parser("notify", help="check NOTICE_URLS: send a test message to each")
+    common(notify, embedded=False)
+    notify.add_argument(
+        "--test", action="store_true", required=True, help="send a sample rollover notice"
+    )
 
     demo = sub.add_parser("demo", help="embedded Postgres + listener + a simulated month rollover")
     common(demo, embedded=False)

@@ -15,7 +15,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypedDict, TypeVar, Unpack, cast
 
+from listener.destinations import DestinationError, load_destinations, split_urls
 from listener.dsn import REDACTED, check_dsn, redact_dsn, redact_url
+from listener.slots import DEFAULT_SCHEDULE, ScheduleSpec, parse_schedule
 
 LogFormat = Literal["json", "console"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -61,9 +63,14 @@ class Settings:
     # A bulk run that has not finished by then fails (and releases its lock): a stalled
     # backend must not make every other caller answer "skipped" for ever.
     bulk_run_timeout_seconds: float = 3600.0
-    # "HH:MM" UTC for the built-in daily bulk backup, or "off".
-    reset_schedule: str = "00:05"
+    # The built-in bulk backup: five cron fields read in the period zone, "HH:MM"
+    # (daily, UTC), or "off".  Stored normalised; `schedule` is the parsed form.
+    reset_schedule: str = DEFAULT_SCHEDULE
     migrate_lock_timeout_seconds: float = DEFAULT_MIGRATE_LOCK_TIMEOUT_SECONDS
+    # Rollover notices: apprise URLs (secrets: kept out of repr), and the first retry
+    # delay after a failed send (doubling, capped at an hour).
+    notice_urls: tuple[str, ...] = dataclasses.field(default=(), repr=False)
+    notice_retry_seconds: float = 30.0
     libpq_configured: bool = False
     # The listener's ledger cursor is stored under this name: stable across restarts.
     listener_name: str = dataclasses.field(default_factory=socket.gethostname)
@@ -101,6 +108,8 @@ class Settings:
             migrate_lock_timeout_seconds=read(
                 "MIGRATE_LOCK_TIMEOUT_SECONDS", seconds, DEFAULT_MIGRATE_LOCK_TIMEOUT_SECONDS
             ),
+            notice_urls=_notice_urls(env),
+            notice_retry_seconds=read("NOTICE_RETRY_SECONDS", seconds, 30.0),
             libpq_configured=any(env.get(k) for k in ("PGHOST", "PGSERVICE", "PGDATABASE")),
             listener_name=read("LISTENER_NAME", listener_name, socket.gethostname()),
         )
@@ -124,7 +133,9 @@ class Settings:
         A Settings ends up in log lines and error reports; its secrets must not.
         """
         shown: dict[str, object] = {
-            field.name: getattr(self, field.name) for field in dataclasses.fields(self)
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.repr
         }
         if self.database_url is not None:
             shown["database_url"] = redact_dsn(self.database_url)
@@ -132,6 +143,8 @@ class Settings:
             shown["cron_secret"] = REDACTED
         if self.alertmanager_url is not None:
             shown["alertmanager_url"] = redact_url(self.alertmanager_url)
+        # Destination URLs carry tokens in their paths too: only how many there are.
+        shown["notice_urls"] = f"<{len(self.notice_urls)} destination(s)>"
         return f"Settings({', '.join(f'{key}={value!r}' for key, value in shown.items())})"
 
     @property
@@ -156,12 +169,9 @@ class Settings:
             )
 
     @property
-    def schedule_time(self) -> tuple[int, int] | None:
-        """(hour, minute) UTC of the daily bulk backup, or None when turned off."""
-        if self.reset_schedule == "off":
-            return None
-        hour, minute = self.reset_schedule.split(":")
-        return int(hour), int(minute)
+    def schedule(self) -> ScheduleSpec | None:
+        """The built-in bulk backup's cron expression and zone, or None when turned off."""
+        return parse_schedule(self.reset_schedule)
 
 
 class Overrides(TypedDict, total=False):
@@ -230,16 +240,18 @@ def log_format(value: str, name: str = "LOG_FORMAT") -> LogFormat:
 
 
 def reset_schedule(value: str, name: str = "RESET_SCHEDULE") -> str:
-    """ "HH:MM" (UTC), or "off": the only way to turn the schedule off."""
-    chosen = value.strip().lower()
-    if chosen == "off":
+    """Five cron fields (period zone), "HH:MM" (daily, UTC), or "off": the only way to
+    turn the schedule off.  Stored normalised; HH:MM keeps its form (it says UTC)."""
+    try:
+        spec = parse_schedule(value)
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("RESET_SCHEDULE", name, 1)) from None
+    if spec is None:
         return "off"
-    parts = chosen.split(":")
-    if len(parts) == 2 and all(p.isdigit() for p in parts):
-        hour, minute = int(parts[0]), int(parts[1])
-        if 0 <= hour < 24 and 0 <= minute < 60:
-            return f"{hour:02d}:{minute:02d}"
-    raise ConfigError(f"{name} must be 'HH:MM' (UTC) or 'off', got {value!r}")
+    if spec.utc:
+        minute, hour = (int(f) for f in spec.expression.split()[:2])
+        return f"{hour:02d}:{minute:02d}"
+    return spec.expression
 
 
 def seconds(value: str | float, name: str, *, low: float = 0.001) -> float:
@@ -325,6 +337,18 @@ _CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "bulk_batch_size": batch_size,
     "reset_schedule": reset_schedule,
     "migrate_lock_timeout_seconds": seconds,
+    "notice_retry_seconds": seconds,
     "listener_name": listener_name,
 }
 _ENV_NAMES = {field.name: field.name.upper() for field in dataclasses.fields(Settings)}
+
+
+def _notice_urls(env: Mapping[str, str]) -> tuple[str, ...]:
+    """NOTICE_URLS, each checked by apprise now; an error names a position, never a URL."""
+    urls = split_urls(env.get("NOTICE_URLS", ""))
+    if urls:
+        try:
+            load_destinations(urls)
+        except DestinationError as exc:
+            raise ConfigError(str(exc)) from None
+    return urls

@@ -15,13 +15,15 @@ disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
 ResetSource = Literal["trigger", "bulk", "function"]
 NotificationOutcome = Literal["ok", "malformed", "probe", "overflow"]
 BulkOutcome = Literal["success", "failure", "skipped"]
+NoticeOutcome = Literal["sent", "failure"]
 # The service's supervised long-running tasks (listener.supervisor).
-TaskName = Literal["listener", "watchdog", "schedule", "alertmanager", "http"]
+TaskName = Literal["listener", "watchdog", "schedule", "alertmanager", "http", "notices"]
 
 RESET_SOURCES: Final = ("trigger", "bulk", "function")
 NOTIFICATION_OUTCOMES: Final = ("ok", "malformed", "probe", "overflow")
 BULK_OUTCOMES: Final = ("success", "failure", "skipped")
-TASKS: Final = ("listener", "watchdog", "schedule", "alertmanager", "http")
+NOTICE_OUTCOMES: Final = ("sent", "failure")
+TASKS: Final = ("listener", "watchdog", "schedule", "alertmanager", "http", "notices")
 # Commit-to-metric lag: sub-millisecond when healthy, minutes after an outage.
 LAG_BUCKETS: Final = (
     0.001,
@@ -120,6 +122,13 @@ class Metrics:
             "Unix time of the last bulk backup run that succeeded.",
             registry=registry,
         )
+        self.notices = Counter(
+            "token_reset_notices_total",
+            "Rollover notice sends to a NOTICE_URLS destination, by outcome (a failure is "
+            "retried with backoff).",
+            ["outcome"],
+            registry=registry,
+        )
         # Not pre-created: a series exists for each task this process runs (no
         # "alertmanager" without ALERTMANAGER_URL), so 0 always means "dead", never
         # "not configured".  The supervisor creates it at 0 before the task's first start.
@@ -137,6 +146,8 @@ class Metrics:
             self.notifications.labels(outcome=outcome)
         for bulk_outcome in BULK_OUTCOMES:
             self.bulk_runs.labels(outcome=bulk_outcome)
+        for notice_outcome in NOTICE_OUTCOMES:
+            self.notices.labels(outcome=notice_outcome)
 
     @classmethod
     def fresh(cls) -> Metrics:

@@ -1,51 +1,69 @@
-"""The built-in bulk backup schedule: daily at RESET_SCHEDULE (HH:MM UTC), so no cron is needed.
+"""The built-in bulk backup schedule (RESET_SCHEDULE), so no external cron is needed.
 
-Daily covers the 1st of every month and backs up the triggers on every other day.
-Each day has one slot (that day at HH:MM UTC).  A slot is served when a scheduled run
-recorded success for it; replicas and restarts agree through the runs table, and the
-advisory lock in listener.bulk keeps two replicas from running at once (the loser
-records "skipped").  At start, a slot missed while the process was down is run at
-once (catch-up).  Time comes from the injected clock, so tests drive `tick(now)`
-across a month boundary without waiting.
+The default, `5 0 * * *` read in the period zone, runs a few minutes after every
+period boundary and once a day besides (a safety net behind the triggers).  Slots come
+from listener.slots (cron in a zone, DST-exact); the zone is read from the database
+(token_reset_settings: the zone in force and a pending change with the instant it
+takes effect), so the slot right after a boundary is in the zone of the new period.
+The `HH:MM` form keeps meaning daily at HH:MM UTC.
+
+A slot is served when a scheduled run recorded success for it; replicas and restarts
+agree through the runs table, and the advisory lock in listener.bulk keeps two
+replicas from running at once (the loser records "skipped").  At start, a slot missed
+while the process was down is run at once (catch-up; only the latest, once).  Time
+comes from the injected clock, so tests drive `tick(now)` across a month boundary
+without waiting.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 import asyncpg
 import structlog
 
+from listener import slots
 from listener.bulk import BulkResetError, BulkResult, run_bulk_reset
 from listener.clock import Clock, utc_now
 from listener.config import Settings
 from listener.database import connect
 from listener.metrics import Metrics
+from listener.slots import UTC_ZONES, Zones
 from listener.sql import query
 
 # The loop re-reads the clock at least this often (a suspended laptop, a clock step).
 POLL_SECONDS = 60.0
 # After a failure (database down, another run holding the lock) try again this much later.
 RETRY_SECONDS = 60.0
+# The period zone is read again this often (a change made with token_reset_configure
+# on a database without users takes effect at once; otherwise it is known in advance).
+ZONE_REFRESH_SECONDS = 300.0
 _STATE_TIMEOUT_SECONDS = 10.0
+_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 log = structlog.get_logger("listener.schedule")
 
 
-def latest_slot(now: datetime, at: tuple[int, int]) -> datetime:
-    """The most recent slot at or before `now` (today's HH:MM UTC, or yesterday's)."""
-    utc = now.astimezone(UTC)
-    today = utc.replace(hour=at[0], minute=at[1], second=0, microsecond=0)
-    return today if today <= utc else today - timedelta(days=1)
+def _zone(name: str) -> ZoneInfo:
+    """A zone the database names; UTC (and an error line) if Python's tz data lacks it."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        log.exception("schedule_zone_unknown", zone=name, using="UTC")
+        return ZoneInfo("UTC")
 
 
-def next_due(now: datetime, at: tuple[int, int], served_through: datetime | None) -> datetime:
-    """When a run is next due: the latest slot if it is not served yet, else the next one."""
-    slot = latest_slot(now, at)
-    if served_through is None or served_through < slot:
-        return slot
-    return slot + timedelta(days=1)
+def zones_from_row(row: asyncpg.Record) -> Zones:
+    """Zones from the `schedule_zones` query (token_reset_settings)."""
+    if row["effective_at"] is None:
+        return Zones.fixed(_zone(row["timezone"]))
+    return Zones(
+        previous=_zone(row["previous_timezone"]),
+        current=_zone(row["timezone"]),
+        effective_at=row["effective_at"],
+    )
 
 
 class Scheduler:
@@ -60,10 +78,13 @@ class Scheduler:
         poll_seconds: float = POLL_SECONDS,
         retry_seconds: float = RETRY_SECONDS,
     ) -> None:
-        at = settings.schedule_time
-        if at is None:
+        spec = settings.schedule
+        if spec is None:
             raise ValueError("the schedule is turned off (RESET_SCHEDULE=off)")
-        self.at = at
+        self.spec = spec
+        # UTC for the HH:MM form; the period zone (read from the database) otherwise.
+        self.zones: Zones | None = UTC_ZONES if spec.utc else None
+        self._zones_read_at: datetime | None = None
         self._settings = settings
         self._metrics = metrics
         self._clock = clock
@@ -79,9 +100,15 @@ class Scheduler:
         """The newest slot known to be served (by this replica or another)."""
         return self._served_through
 
+    def latest_slot(self, now: datetime) -> datetime:
+        """The latest slot at or before `now` in the zones known (UTC until loaded)."""
+        return slots.latest_slot(now, self.spec.expression, self.zones or UTC_ZONES)
+
     def next_due(self, now: datetime) -> datetime:
         """When `tick` next has work: a due slot, or a retry after a failure."""
-        due = next_due(now, self.at, self._served_through)
+        due = slots.next_due(
+            now, self.spec.expression, self.zones or UTC_ZONES, self._served_through
+        )
         if self._retry_at is not None and self._retry_at > due:
             return self._retry_at
         return due
@@ -94,7 +121,9 @@ class Scheduler:
         first = not self._loaded
         if first and not await self._load(now):
             return None
-        slot = latest_slot(now, self.at)
+        if not first and self._zones_stale(now):
+            await self._refresh_zones(now)
+        slot = self.latest_slot(now)
         if self._served_through is not None and slot <= self._served_through:
             return None
         log.info(
@@ -139,7 +168,11 @@ class Scheduler:
     async def run(self) -> None:
         """Tick, sleep until the next due time (at most poll_seconds), re-read the clock."""
         now = self._clock()
-        log.info("schedule_started", at=f"{self.at[0]:02d}:{self.at[1]:02d}", timezone="UTC")
+        log.info(
+            "schedule_started",
+            schedule=self.spec.expression,
+            timezone="UTC" if self.spec.utc else "period zone (from the database)",
+        )
         floor = min(1.0, self._poll_seconds)
         while True:
             try:
@@ -160,9 +193,11 @@ class Scheduler:
                 conn = await connect(self._settings, role="schedule")
                 try:
                     row = await conn.fetchrow(query("bulk_schedule_state"))
+                    if not self.spec.utc:
+                        self._set_zones(now, await conn.fetchrow(query("schedule_zones")))
                 finally:
                     await conn.close()
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _DB_ERRORS as exc:
             self._retry_at = now + self._retry
             log.warning(
                 "schedule_state_unavailable",
@@ -178,10 +213,37 @@ class Scheduler:
             self._metrics.bulk_last_success.set(row["last_success_epoch"])
         return True
 
+    def _zones_stale(self, now: datetime) -> bool:
+        if self.spec.utc:
+            return False
+        if self._zones_read_at is None:
+            return True
+        return abs((now - self._zones_read_at).total_seconds()) >= ZONE_REFRESH_SECONDS
+
+    async def _refresh_zones(self, now: datetime) -> None:
+        """Read the period zone again; on failure keep the zones known (slots go on)."""
+        try:
+            with anyio.fail_after(_STATE_TIMEOUT_SECONDS):
+                conn = await connect(self._settings, role="schedule")
+                try:
+                    self._set_zones(now, await conn.fetchrow(query("schedule_zones")))
+                finally:
+                    await conn.close()
+        except _DB_ERRORS as exc:
+            log.warning("schedule_zone_unavailable", error=type(exc).__name__)
+
+    def _set_zones(self, now: datetime, row: asyncpg.Record | None) -> None:
+        if row is None:
+            raise RuntimeError("schedule_zones returned no row")
+        zones = zones_from_row(row)
+        if zones != self.zones:
+            log.info("schedule_zone", zone=zones.describe(), schedule=self.spec.expression)
+        self.zones, self._zones_read_at = zones, now
+
 
 async def run_schedule(settings: Settings, metrics: Metrics, *, clock: Clock = utc_now) -> None:
     """Runs until cancelled: the daily/monthly bulk backup, led by one replica."""
-    if settings.schedule_time is None:
+    if settings.schedule is None:
         log.info("schedule_disabled", reason="RESET_SCHEDULE=off")
         await anyio.sleep_forever()
         return

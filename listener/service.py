@@ -2,7 +2,8 @@
 
 Tasks: the signal receiver (SIGTERM/SIGINT stop everything), the HTTP server, the
 listener (connection, doorbells, ledger catch-up, probe), the watchdog, the
-Alertmanager push (with ALERTMANAGER_URL) and the built-in schedule.  Every one but
+Alertmanager push (with ALERTMANAGER_URL), the built-in schedule and the rollover
+notices (with NOTICE_URLS).  Every one but
 the signal receiver runs under listener.supervisor: when it dies it is restarted with
 backoff, /readyz names it and token_reset_task_up{task} says 0 meanwhile, so a dead
 watchdog can no longer look like a quiet month.  Stopping cancels the group; the HTTP
@@ -34,6 +35,7 @@ from listener.database import DEFAULT_CONNECT_TIMEOUT_SECONDS
 from listener.http import create_app, run_http
 from listener.ledger import CatchUp, Ledger
 from listener.metrics import Metrics
+from listener.notices import Notifier
 from listener.payload import Doorbell, Malformed, Probe, parse_payload
 from listener.schedule import Scheduler, run_schedule
 from listener.supervisor import Startable, Supervisor, started_at_once
@@ -123,8 +125,12 @@ class Service:
         self.watchdog = Watchdog(settings, self.metrics, clock=clock)
         self.scheduler = (
             Scheduler(settings, self.metrics, clock=clock)
-            if settings.schedule_time is not None
+            if settings.schedule is not None
             else None
+        )
+        # Rollover notices: their own task, so a slow destination never delays counting.
+        self.notifier = (
+            Notifier(settings, self.metrics, clock=clock) if settings.notice_urls else None
         )
         self._group_scope: anyio.CancelScope | None = None
         self._sessions = 0
@@ -148,6 +154,9 @@ class Service:
                     pusher = started_at_once(self.watchdog.pusher.run)
                     group.start_soon(supervise, "alertmanager", pusher)
                 group.start_soon(supervise, "schedule", started_at_once(self._schedule))
+                if self.notifier is not None:
+                    notices = started_at_once(self.notifier.run)
+                    group.start_soon(supervise, "notices", notices)
                 task_status.started(self)
         except Exception:
             log.exception("listener_crashed")

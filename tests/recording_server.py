@@ -27,10 +27,15 @@ class Received:
 
 
 class RecordingServer:
-    """Records every POST; `status` (settable while running) is what it answers."""
+    """Records every POST; `status` (settable while running) is what it answers.
+
+    `status_for`, when set, picks the answer per request path (None: `status`), so a
+    test can fail one destination while another on the same server succeeds.
+    """
 
     def __init__(self, status: int = 200) -> None:
         self.status = status
+        self.status_for: Callable[[str], int | None] | None = None
         self.received: list[Received] = []
         self._changed = threading.Condition()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -68,7 +73,8 @@ class RecordingServer:
             return self._changed.wait_for(lambda: predicate(list(self.received)), timeout)
 
     def _record(self, path: str, raw: bytes) -> int:
-        status = self.status
+        chosen = self.status_for(path) if self.status_for is not None else None
+        status = self.status if chosen is None else chosen
         try:
             body = json.loads(raw) if raw else None
         except ValueError:

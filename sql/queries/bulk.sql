@@ -124,3 +124,13 @@ SELECT (SELECT max(slot) FROM public.token_reset_bulk_runs
          WHERE outcome = 'success' AND source = 'schedule') AS last_slot,
        (SELECT extract(epoch FROM max(finished_at))::float8 FROM public.token_reset_bulk_runs
          WHERE outcome = 'success') AS last_success_epoch
+
+-- name: schedule_zones
+-- The zone the built-in schedule reads its cron expression in: the period zone in
+-- force now, and a pending change with the instant it takes effect (NULL: none), so
+-- the first slot of the next period is already read in the new zone.
+SELECT public.token_reset_zone() AS zone_now,
+       s.previous_timezone,
+       s.timezone,
+       NULLIF(s.timezone_effective_at, '-infinity') AS effective_at
+  FROM public.token_reset_settings s

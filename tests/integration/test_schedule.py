@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+import json
+from datetime import UTC, datetime, time, timedelta
+from zoneinfo import ZoneInfo
 
 import anyio
 import asyncpg
@@ -246,3 +248,69 @@ async def test_schedule_off_does_nothing(database_url: str) -> None:
     assert [e["event"] for e in logs] == ["schedule_disabled"]
     with pytest.raises(ValueError, match="turned off"):
         Scheduler(settings, Metrics.fresh())
+
+
+# 00:05 in New York on 31 Jan and 1 Feb 2030 (EST, UTC-5).
+NY_JAN_SLOT = datetime(2030, 1, 31, 5, 5, tzinfo=UTC)
+NY_FEB_SLOT = datetime(2030, 2, 1, 5, 5, tzinfo=UTC)
+
+
+async def test_the_default_schedule_runs_in_the_period_zone_read_from_the_database(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """`5 0 * * *` after the owner sets America/New_York (the scheduler had read UTC):
+    nothing at 00:05 UTC on 1 Feb, the run at 00:05 New York (05:05 UTC), once."""
+    await served(conn, NY_JAN_SLOT)
+    scheduler = Scheduler(settings_for(database_url), Metrics.fresh())
+    assert await scheduler.tick(datetime(2030, 1, 31, 6, tzinfo=UTC)) is None  # read UTC
+    # No users yet, so the new zone takes effect at once (README, I4).
+    await conn.execute("SELECT token_reset_configure('America/New_York')")
+    await add_stale_users(conn, 5)
+
+    assert await scheduler.tick(FEB_SLOT) is None
+    assert await scheduler.tick(NY_FEB_SLOT - timedelta(minutes=1)) is None
+    assert await carrying_usage(conn) == 5
+    assert scheduler.next_due(NY_FEB_SLOT - timedelta(minutes=1)) == NY_FEB_SLOT
+    result = await scheduler.tick(NY_FEB_SLOT)
+    assert result is not None
+    assert (result.outcome, result.reset_count) == ("success", 5)
+    assert await successes_for(conn, NY_FEB_SLOT) == 1
+    assert await scheduler.tick(NY_FEB_SLOT + timedelta(hours=3)) is None
+    assert scheduler.next_due(NY_FEB_SLOT + timedelta(hours=3)) == NY_FEB_SLOT + timedelta(days=1)
+
+
+async def test_a_pending_zone_change_puts_the_first_slot_of_the_next_period_in_the_new_zone(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """With users, a new zone takes effect at the next boundary.  The scheduler knows it
+    in advance: until then slots are 00:05 UTC, and the first one after it is 00:05 in
+    the new zone, five minutes after the new period starts (not 00:05 UTC a day later)."""
+    await add_stale_users(conn, 1)
+    answer = json.loads(await conn.fetchval("SELECT token_reset_configure('America/New_York')"))
+    change = datetime.fromisoformat(answer["effective_at"])
+    assert change.astimezone(ZoneInfo("America/New_York")).time() == time(0, 0)
+    last_utc_slot = change.replace(hour=0, minute=5)
+    assert last_utc_slot < change
+    await served(conn, last_utc_slot)
+    scheduler = Scheduler(settings_for(database_url), Metrics.fresh())
+
+    assert await scheduler.tick(change + timedelta(minutes=4)) is None
+    assert scheduler.next_due(change + timedelta(minutes=4)) == change + timedelta(minutes=5)
+    result = await scheduler.tick(change + timedelta(minutes=5))
+    assert result is not None
+    assert result.outcome == "success"
+    assert await successes_for(conn, change + timedelta(minutes=5)) == 1
+
+
+async def test_hh_mm_keeps_meaning_utc_whatever_the_period_zone(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """RESET_SCHEDULE=00:05 with the period zone in New York: the run is at 00:05 UTC."""
+    await conn.execute("SELECT token_reset_configure('America/New_York')")
+    await served(conn, JAN_SLOT)
+    await add_stale_users(conn, 2)
+    scheduler = Scheduler(settings_for(database_url, reset_schedule="00:05"), Metrics.fresh())
+    result = await scheduler.tick(FEB_SLOT)
+    assert result is not None
+    assert (result.outcome, result.reset_count) == ("success", 2)
+    assert await successes_for(conn, FEB_SLOT) == 1

@@ -43,6 +43,9 @@ DECLARED_RELATIONS: dict[str, dict[str, set[str]]] = {
     "token_reset_usage": {LISTENER: {"SELECT"}},
     "token_reset_declared_privileges": {},
     "token_reset_migrations": {},
+    # Rollover notices: the listener freezes the facts and claims deliveries.
+    "token_reset_notices": {LISTENER: {"SELECT", "INSERT", "UPDATE"}},
+    "token_reset_notice_deliveries": {LISTENER: {"SELECT", "INSERT", "UPDATE"}},
 }
 # Routine signature -> roles with EXECUTE.  Everything else is the owner's alone.
 DECLARED_ROUTINES: dict[str, set[str]] = {

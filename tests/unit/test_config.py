@@ -7,6 +7,7 @@ import socket
 import pytest
 
 from listener.config import DEFAULT_HTTP_PORT, ConfigError, Settings
+from listener.slots import ScheduleSpec
 
 
 def test_defaults_are_the_documented_ones() -> None:
@@ -22,6 +23,8 @@ def test_defaults_are_the_documented_ones() -> None:
     assert settings.alertmanager_url is None
     assert settings.shutdown_timeout_seconds == 10.0
     assert settings.listener_name == socket.gethostname()
+    # 00:05 in the period zone, daily: a few minutes after every period boundary.
+    assert settings.schedule == ScheduleSpec("5 0 * * *", utc=False)
 
 
 def test_console_logs_by_default_on_a_terminal() -> None:
@@ -52,8 +55,24 @@ def test_values_are_read_and_normalised() -> None:
     assert settings.watchdog_interval_seconds == 5.0
     assert settings.reset_grace_seconds == 0.0
     assert settings.catchup_interval_seconds == 2.5
-    assert settings.schedule_time is None
+    assert settings.schedule is None
     assert settings.listener_name == "replica-1"
+
+
+@pytest.mark.parametrize(
+    ("raw", "stored", "spec"),
+    [
+        ("*/30  2 * * 1-5", "*/30 2 * * 1-5", ScheduleSpec("*/30 2 * * 1-5", utc=False)),
+        ("8:05", "08:05", ScheduleSpec("5 8 * * *", utc=True)),
+        ("OFF", "off", None),
+    ],
+)
+def test_reset_schedule_takes_cron_in_the_period_zone_or_hh_mm_in_utc(
+    raw: str, stored: str, spec: ScheduleSpec | None
+) -> None:
+    """Five cron fields are read in the period zone; HH:MM keeps meaning daily UTC."""
+    settings = Settings.from_env({"RESET_SCHEDULE": raw})
+    assert (settings.reset_schedule, settings.schedule) == (stored, spec)
 
 
 def test_libpq_variables_count_as_a_configured_database() -> None:
@@ -85,6 +104,9 @@ def test_libpq_variables_count_as_a_configured_database() -> None:
         ("BULK_BATCH_SIZE", "ten"),
         ("RESET_SCHEDULE", "25:00"),
         ("RESET_SCHEDULE", "midnight"),
+        ("RESET_SCHEDULE", "5 0 * * * *"),
+        ("RESET_SCHEDULE", "0 0 31 2 *"),
+        ("RESET_SCHEDULE", "61 0 * * *"),
         ("ALERTMANAGER_URL", "ftp://alerts"),
         ("LISTENER_NAME", "x" * 201),
         ("LISTENER_NAME", "tab\there"),
@@ -137,9 +159,10 @@ def test_a_malformed_database_url_is_refused_at_start_without_echoing_it(url: st
 
 def test_an_empty_reset_schedule_means_the_default_and_only_off_turns_it_off() -> None:
     """Like every other variable, empty is the default; `off` is the one way to say off."""
-    assert Settings.from_env({"RESET_SCHEDULE": ""}).schedule_time == (0, 5)
-    assert Settings.from_env({"RESET_SCHEDULE": "  "}).schedule_time == (0, 5)
-    assert Settings.from_env({"RESET_SCHEDULE": "OFF"}).schedule_time is None
+    default = Settings().reset_schedule
+    assert Settings.from_env({"RESET_SCHEDULE": ""}).reset_schedule == default
+    assert Settings.from_env({"RESET_SCHEDULE": "  "}).reset_schedule == default
+    assert Settings.from_env({"RESET_SCHEDULE": "OFF"}).schedule is None
     for alias in ("none", "false", "0", "no"):
         with pytest.raises(ConfigError, match="RESET_SCHEDULE"):
             Settings.from_env({"RESET_SCHEDULE": alias})

@@ -8,6 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from listener.metrics import (
     BULK_OUTCOMES,
     LAG_BUCKETS,
+    NOTICE_OUTCOMES,
     NOTIFICATION_OUTCOMES,
     RESET_SOURCES,
     TASKS,
@@ -31,6 +32,7 @@ CONTRACT = {
     "token_reset_bulk_last_success_timestamp_seconds": ("gauge", set()),
     "token_reset_task_up": ("gauge", {"task"}),
     "token_reset_admin_unauthorized_total": ("counter", set()),
+    "token_reset_notices_total": ("counter", {"outcome"}),
 }
 # Labels whose values could be a person: none may ever exist.
 FORBIDDEN_LABELS = {"user", "user_id", "uid", "email", "account", "customer", "id"}
@@ -83,6 +85,9 @@ def test_labelled_series_exist_from_the_first_scrape() -> None:
         assert f'token_reset_notifications_total{{outcome="{outcome}"}} 0.0' in text
     for outcome in BULK_OUTCOMES:
         assert f'token_reset_bulk_runs_total{{outcome="{outcome}"}} 0.0' in text
+    assert NOTICE_OUTCOMES == ("sent", "failure")
+    for outcome in NOTICE_OUTCOMES:
+        assert f'token_reset_notices_total{{outcome="{outcome}"}} 0.0' in text
 
 
 def test_lag_buckets_span_milliseconds_to_an_hour() -> None:

@@ -1,4 +1,4 @@
-"""When the built-in schedule is due: pure slot arithmetic, month boundaries, catch-up."""
+"""When the built-in schedule is due in UTC (the `HH:MM` form): month boundaries, catch-up."""
 
 from __future__ import annotations
 
@@ -8,9 +8,28 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from listener.schedule import latest_slot, next_due
+from listener import slots
+from listener.slots import UTC_ZONES
 
 AT = (0, 5)
+
+
+def daily(at: tuple[int, int]) -> str:
+    """The cron expression `HH:MM` stands for."""
+    spec = slots.parse_schedule(f"{at[0]:02d}:{at[1]:02d}")
+    assert spec is not None
+    assert spec.utc
+    return spec.expression
+
+
+def latest_slot(now: datetime, at: tuple[int, int]) -> datetime:
+    """The latest daily slot in UTC."""
+    return slots.latest_slot(now, daily(at), UTC_ZONES)
+
+
+def next_due(now: datetime, at: tuple[int, int], served: datetime | None) -> datetime:
+    """When the daily UTC schedule is next due."""
+    return slots.next_due(now, daily(at), UTC_ZONES, served)
 
 
 def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
