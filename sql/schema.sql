@@ -251,7 +251,7 @@ BEGIN
     UPDATE public.user_tokens
        SET monthly_tokens_used = monthly_tokens_used + v_amount, updated_at = now()
      WHERE user_id = p_user_id
-       AND last_monthly_reset >= public.token_reset_period_start()
+       AND last_monthly_reset >= public.token_reset_period_bound()
        AND v_amount <= monthly_token_limit - monthly_tokens_used
     RETURNING monthly_tokens_used, monthly_token_limit, last_monthly_reset INTO v_used, v_limit, v_reset_at;
     IF NOT FOUND THEN
@@ -532,6 +532,12 @@ BEGIN
     EXECUTE format(
         'CREATE OR REPLACE FUNCTION public.token_reset_period_start() RETURNS timestamptz '
         'LANGUAGE sql STABLE PARALLEL SAFE AS $f$ SELECT %s $f$', v_start);
+    -- Never before the exact start, and one time-zone conversion instead of several: a
+    -- row reset at or after it is current for sure (deduct_tokens' fast path); the
+    -- rare row between the two (a DST change at midnight) takes the exact slow path.
+    EXECUTE format(
+        'CREATE OR REPLACE FUNCTION public.token_reset_period_bound() RETURNS timestamptz '
+        'LANGUAGE sql STABLE PARALLEL SAFE AS $f$ SELECT %s $f$', v_bound);
     -- Start of the period after the current one (what users see as "resets at"); a
     -- pending zone change takes effect exactly there.
     v_next := format('public.token_reset_month_start(pg_catalog.timezone(%1$L, '
@@ -1131,6 +1137,12 @@ BEGIN
 END
 $function$;
 
+CREATE OR REPLACE FUNCTION public.token_reset_period_bound()
+ RETURNS timestamp with time zone
+ LANGUAGE sql
+ STABLE PARALLEL SAFE
+AS $function$ SELECT pg_catalog.date_trunc('month', pg_catalog.now(), 'UTC') $function$;
+
 CREATE OR REPLACE FUNCTION public.token_reset_period_label(p_at timestamp with time zone)
  RETURNS text
  LANGUAGE sql
@@ -1212,6 +1224,7 @@ CREATE TRIGGER user_tokens_reset_on_write BEFORE UPDATE ON user_tokens FOR EACH 
 -- (grantee, kind, object, privilege): token_reset_declared_privileges
 -- PUBLIC | routine | public.token_reset_month_start(timestamptz, text) | EXECUTE
 -- PUBLIC | routine | public.token_reset_next_period_start() | EXECUTE
+-- PUBLIC | routine | public.token_reset_period_bound() | EXECUTE
 -- PUBLIC | routine | public.token_reset_period_label(timestamptz) | EXECUTE
 -- PUBLIC | routine | public.token_reset_period_start() | EXECUTE
 -- PUBLIC | routine | public.token_reset_zone() | EXECUTE

@@ -144,6 +144,12 @@ BEGIN
     EXECUTE format(
         'CREATE OR REPLACE FUNCTION public.token_reset_period_start() RETURNS timestamptz '
         'LANGUAGE sql STABLE PARALLEL SAFE AS $f$ SELECT %s $f$', v_start);
+    -- Never before the exact start, and one time-zone conversion instead of several: a
+    -- row reset at or after it is current for sure (deduct_tokens' fast path); the
+    -- rare row between the two (a DST change at midnight) takes the exact slow path.
+    EXECUTE format(
+        'CREATE OR REPLACE FUNCTION public.token_reset_period_bound() RETURNS timestamptz '
+        'LANGUAGE sql STABLE PARALLEL SAFE AS $f$ SELECT %s $f$', v_bound);
     -- Start of the period after the current one (what users see as "resets at"); a
     -- pending zone change takes effect exactly there.
     v_next := format('public.token_reset_month_start(pg_catalog.timezone(%1$L, '
@@ -551,7 +557,7 @@ BEGIN
     UPDATE public.user_tokens
        SET monthly_tokens_used = monthly_tokens_used + v_amount, updated_at = now()
      WHERE user_id = p_user_id
-       AND last_monthly_reset >= public.token_reset_period_start()
+       AND last_monthly_reset >= public.token_reset_period_bound()
        AND v_amount <= monthly_token_limit - monthly_tokens_used
     RETURNING monthly_tokens_used, monthly_token_limit, last_monthly_reset INTO v_used, v_limit, v_reset_at;
     IF NOT FOUND THEN
@@ -942,7 +948,7 @@ BEGIN
                 'reset_monthly_tokens_for_all_users', 'auto_reset_monthly_tokens',
                 'check_and_reset_monthly_tokens']))
            AND p.proname <> ALL (ARRAY[
-                'token_reset_period_start', 'token_reset_period_label', 'token_reset_zone',
+                'token_reset_period_start', 'token_reset_period_bound', 'token_reset_period_label', 'token_reset_zone',
                 'token_reset_next_period_start', 'token_reset_month_start'])
     LOOP
         EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', v_fn);

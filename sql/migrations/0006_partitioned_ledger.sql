@@ -348,6 +348,7 @@ INSERT INTO public.token_reset_declared_privileges (grantee, kind, object, privi
     ('token_reset_listener', 'routine', 'public.reset_monthly_tokens_for_all_users()', 'EXECUTE'),
     ('token_reset_listener', 'routine', 'public.token_reset_bulk_committing(integer)', 'EXECUTE'),
     ('PUBLIC', 'routine', 'public.token_reset_period_start()', 'EXECUTE'),
+    ('PUBLIC', 'routine', 'public.token_reset_period_bound()', 'EXECUTE'),
     ('PUBLIC', 'routine', 'public.token_reset_period_label(timestamptz)', 'EXECUTE'),
     ('PUBLIC', 'routine', 'public.token_reset_next_period_start()', 'EXECUTE'),
     ('PUBLIC', 'routine', 'public.token_reset_zone()', 'EXECUTE'),

@@ -70,6 +70,7 @@ DECLARED_ROUTINES: dict[str, set[str]] = {
     "token_reset_previous_period_had_usage()": {LISTENER},
     # read-only period arithmetic, for anyone
     "token_reset_period_start()": {PUBLIC},
+    "token_reset_period_bound()": {PUBLIC},
     "token_reset_period_label(timestamp with time zone)": {PUBLIC},
     "token_reset_next_period_start()": {PUBLIC},
     "token_reset_zone()": {PUBLIC},
