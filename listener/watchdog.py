@@ -11,6 +11,7 @@ restart neither raises nor hides the alert, and every replica gives the same ans
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -31,6 +32,8 @@ Reason = Literal["stale_users", "no_resets"]
 Transition = Literal["raised", "cleared"]
 # A check that takes longer than this is treated like an unreachable database.
 DB_TIMEOUT_SECONDS: Final = 10.0
+# The watchdog lease lasts this many check intervals (see shared_or_own_snapshot).
+LEASE_INTERVALS: Final = 3
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,29 @@ class Snapshot:
     # Read here, not only by the schedule: runs by an external cron (`token-reset
     # reset`) and restarts with the schedule off must still move the gauge.
     last_bulk_success_at: datetime | None = None
+
+    def to_json(self) -> str:
+        """The snapshot as the lease holder shares it with the other replicas."""
+        return json.dumps(
+            {
+                "period_start": self.period_start.isoformat(),
+                "period_label": self.period_label,
+                "stale_users": self.stale_users,
+                "month_resets": self.month_resets,
+                "last_reset_at": _iso(self.last_reset_at),
+                "previous_period_had_usage": self.previous_period_had_usage,
+                "last_bulk_success_at": _iso(self.last_bulk_success_at),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Snapshot:
+        """A snapshot another replica shared (see to_json)."""
+        data = json.loads(text)
+        for key in ("period_start", "last_reset_at", "last_bulk_success_at"):
+            if data.get(key) is not None:
+                data[key] = datetime.fromisoformat(data[key])
+        return cls.from_row(data)
 
     @classmethod
     def from_row(cls, row: asyncpg.Record | Mapping[str, Any]) -> Snapshot:
@@ -154,6 +180,27 @@ async def fetch_snapshot(conn: asyncpg.Connection) -> Snapshot:
     return Snapshot.from_row(row)
 
 
+async def shared_or_own_snapshot(
+    conn: asyncpg.Connection, holder: str, interval_seconds: float
+) -> tuple[Snapshot, bool]:
+    """The lease holder's snapshot, or our own when we hold the lease (or nobody shared).
+
+    Returns (snapshot, led).  One replica checks and shares; the others read what it
+    found, so N replicas cost one check a minute, and all of them export the same
+    numbers.  The lease lasts three intervals: a dead holder is replaced within that.
+    """
+    lease_seconds = LEASE_INTERVALS * interval_seconds
+    led = await conn.fetchval(query("watchdog_lease"), holder, lease_seconds) is not None
+    if not led:
+        shared = await conn.fetchrow(query("watchdog_shared"), lease_seconds)
+        if shared is not None:
+            return Snapshot.from_json(shared["state"]), False
+    snapshot = await fetch_snapshot(conn)
+    if led:
+        await conn.execute(query("watchdog_share"), holder, snapshot.to_json())
+    return snapshot, led
+
+
 class Watchdog:
     """The periodic check: query, judge, export, log edges, push to Alertmanager."""
 
@@ -172,6 +219,7 @@ class Watchdog:
         self.last: Assessment | None = None
         self.db_available = True
         self.checks = 0  # completed checks, readable or not (tests wait on it)
+        self.led_checks = 0  # checks this replica ran itself, as the lease holder
         if pusher is None and settings.alertmanager_url:
             pusher = AlertmanagerPusher(settings.alertmanager_url)
         self.pusher = pusher
@@ -258,7 +306,11 @@ class Watchdog:
                 command_timeout=DB_TIMEOUT_SECONDS,
             )
         with anyio.fail_after(DB_TIMEOUT_SECONDS * 2):
-            return await fetch_snapshot(self._conn)
+            snapshot, led = await shared_or_own_snapshot(
+                self._conn, self.settings.listener_name, self.settings.watchdog_interval_seconds
+            )
+        self.led_checks += int(led)
+        return snapshot
 
     def _export(self, assessment: Assessment) -> None:
         snapshot = assessment.snapshot

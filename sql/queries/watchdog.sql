@@ -58,3 +58,26 @@ SELECT pg_catalog.now() AS database_now,
            ELSE public.token_reset_previous_period_had_usage()
        END AS previous_period_had_usage
   FROM counts c
+
+-- name: watchdog_lease
+-- Take or renew the watchdog lease ($1 = this replica's LISTENER_NAME, $2 = seconds it
+-- lasts); a row comes back only to the holder.
+INSERT INTO public.token_reset_leases AS l (name, holder, expires_at)
+VALUES ('watchdog', $1, pg_catalog.now() + pg_catalog.make_interval(secs => $2))
+ON CONFLICT (name) DO UPDATE
+   SET holder = excluded.holder, expires_at = excluded.expires_at
+ WHERE l.holder = excluded.holder OR l.expires_at < pg_catalog.now()
+RETURNING l.holder
+
+-- name: watchdog_share
+-- The holder's snapshot, for the other replicas.
+UPDATE public.token_reset_leases
+   SET state = $2::jsonb, state_at = pg_catalog.now()
+ WHERE name = 'watchdog' AND holder = $1
+
+-- name: watchdog_shared
+-- The holder's last snapshot, while it is no older than $1 seconds.
+SELECT l.holder, l.state
+  FROM public.token_reset_leases l
+ WHERE l.name = 'watchdog' AND l.state IS NOT NULL
+   AND l.state_at > pg_catalog.now() - pg_catalog.make_interval(secs => $1)

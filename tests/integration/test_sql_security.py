@@ -42,6 +42,7 @@ DECLARED_RELATIONS: dict[str, dict[str, set[str]]] = {
     "token_reset_usage_deltas": {},
     "token_reset_usage": {LISTENER: {"SELECT"}},
     "token_reset_declared_privileges": {},
+    "token_reset_leases": {LISTENER: {"SELECT", "INSERT", "UPDATE"}},
     "token_reset_migrations": {},
     # Rollover notices: the listener freezes the facts and claims deliveries.
     "token_reset_notices": {LISTENER: {"SELECT", "INSERT", "UPDATE"}},
