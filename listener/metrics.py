@@ -85,6 +85,13 @@ class Metrics:
             "1 while the LISTEN connection is up and its probe answers.",
             registry=registry,
         )
+        self.listener_pooled = Gauge(
+            "token_reset_listener_pooled_connection",
+            "1 when the LISTEN connection answers queries but other sessions' notifications "
+            "do not reach it: a transaction-mode pooler (PgBouncer pool_mode=transaction) "
+            "is in the path.",
+            registry=registry,
+        )
         self.reconnects = Counter(
             "token_reset_reconnects_total",
             "Times the listener connection was re-established after a loss.",

@@ -23,6 +23,7 @@ CONTRACT = {
     "token_reset_missed_month": ("gauge", set()),
     "token_reset_notifications_total": ("counter", {"outcome"}),
     "token_reset_listener_connected": ("gauge", set()),
+    "token_reset_listener_pooled_connection": ("gauge", set()),
     "token_reset_reconnects_total": ("counter", set()),
     "token_reset_event_lag_seconds": ("histogram", set()),
     "token_reset_bulk_runs_total": ("counter", {"outcome"}),
