@@ -127,6 +127,8 @@ class ListenConnection:
         self.sender: asyncpg.Connection | None = None
         # Probes completed (echoed or diagnosed): tests and benchmarks wait on it.
         self.probes = 0
+        # Notifications taken off the connection: the probe's proof of life in a flood.
+        self.received = 0
         self._on_payload = on_payload
         self._probe_nonce: str | None = None
         self._probe_echo = anyio.Event()
@@ -165,6 +167,7 @@ class ListenConnection:
     def _on_notification(self, conn: object, pid: int, channel: str, payload: object) -> None:
         # Runs as a plain loop callback: must never block or raise.  The echo is
         # recognised here, not after the buffer, so a full buffer cannot fail a probe.
+        self.received += 1
         text = str(payload)
         nonce = self._probe_nonce
         if nonce is not None and nonce in text:
@@ -179,38 +182,63 @@ class ListenConnection:
 
         Raises ProbeFailed when the connection is dead or deaf (reconnecting helps);
         returns `delivered=False` when it answers queries but hears nothing (a
-        transaction-mode pooler: reconnecting does not help).  The connection's lock
-        is held throughout, so no statement of ours runs while the echo travels: the
-        LISTEN session is idle, as it is when a doorbell rings.  (A transaction-mode
-        pooler does pass on a notification that happens to arrive during one of our
-        statements; a probe racing the ledger reader would pass by luck.)
+        transaction-mode pooler: reconnecting does not help).
+
+        The connection's lock is held throughout, so no statement of ours runs while
+        the echo travels: the LISTEN session is idle, as it is when a doorbell rings.
+        (A transaction-mode pooler does pass on a notification that happens to arrive
+        during one of our statements; a probe racing the ledger reader would pass by
+        luck.)
+
+        `within` is how long the probe waits *without any notification arriving*.  An
+        echo queued behind a flood (any role may NOTIFY our channel: 2 million in a
+        few seconds take the listener ten to drain) arrives late, in order; the
+        notifications arriving meanwhile prove the socket, the server and the LISTEN
+        alive, so each one seen pushes the deadline on (`_extend_while_traffic`).
         """
         nonce = new_nonce()
         self._probe_echo = anyio.Event()
         started = anyio.current_time()
-        deadline = started + within
-        try:
-            with anyio.move_on_after(within) as sending:
-                await self.lock.acquire()
-            if sending.cancelled_caught:
-                raise ProbeFailed(f"the connection stayed busy for {within:g}s")
-            try:
-                self._probe_nonce = nonce
-                with anyio.move_on_after(deadline - anyio.current_time()) as sending:
+        phase = "lock"
+        error: Exception | None = None
+        with anyio.CancelScope(deadline=started + within) as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._extend_while_traffic, scope, within)
+                try:
+                    await self.lock.acquire()
+                    phase = "send"
+                    self._probe_nonce = nonce
                     await self._send(probe_payload(nonce))
-                if sending.cancelled_caught:
-                    raise ProbeFailed(f"the probe's NOTIFY was not sent within {within:g}s")
-                with anyio.move_on_after(deadline - anyio.current_time()):
+                    phase = "echo"
                     await self._probe_echo.wait()
-                waited = anyio.current_time() - started
-                if self._probe_echo.is_set():
-                    return ProbeResult(round_trip_seconds=waited, delivered=True)
-                return await self._diagnose(within, waited)
-            finally:
-                self.lock.release()
+                except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup
+                    error = exc
+                group.cancel_scope.cancel()
+        self._probe_nonce = None
+        self.probes += 1
+        waited = anyio.current_time() - started
+        try:
+            if error is not None:
+                raise error
+            if self._probe_echo.is_set():
+                return ProbeResult(round_trip_seconds=waited, delivered=True)
+            if phase == "lock":
+                raise ProbeFailed(f"the connection stayed busy for {waited:.3g}s")
+            if phase == "send":
+                raise ProbeFailed(f"the probe's NOTIFY was not sent within {waited:.3g}s")
+            return await self._diagnose(within, waited)
         finally:
-            self._probe_nonce = None
-            self.probes += 1
+            if phase != "lock":
+                self.lock.release()
+
+    async def _extend_while_traffic(self, scope: anyio.CancelScope, within: float) -> None:
+        """Keep the probe's deadline `within` seconds after the latest notification seen."""
+        seen = self.received
+        while True:
+            await anyio.sleep(within / 4)
+            if self.received != seen:
+                seen = self.received
+                scope.deadline = max(scope.deadline, anyio.current_time() + within)
 
     async def _send(self, payload: str) -> None:
         """The probe's NOTIFY, on the sender connection; a failure ends the session."""

@@ -267,6 +267,15 @@ class Service:
             except ProbeFailed:
                 self.metrics.listener_connected.set(0)
                 raise
+            if result.delivered and result.round_trip_seconds > self.settings.probe_timeout_seconds:
+                # Waited behind other traffic (a NOTIFY flood, a backlog): alive, but slow.
+                log.warning(
+                    "probe_delayed",
+                    round_trip_seconds=round(result.round_trip_seconds, 3),
+                    timeout_seconds=self.settings.probe_timeout_seconds,
+                    delivered=result.delivered,
+                    notifications_received=listen.received,
+                )
             if result.delivered:
                 self._delivered(result)
             else:
