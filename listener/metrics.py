@@ -97,6 +97,12 @@ class Metrics:
             "Times the listener connection was re-established after a loss.",
             registry=registry,
         )
+        self.ledger_held_back = Gauge(
+            "token_reset_ledger_held_back_seconds",
+            "Seconds the ledger reader has been waiting for open transactions that wrote "
+            "token_transactions: resets after them are not counted meanwhile (0 = none).",
+            registry=registry,
+        )
         self.event_lag = Histogram(
             "token_reset_event_lag_seconds",
             "Time from a reset's ledger row to the listener processing it.",

@@ -26,6 +26,19 @@ UPDATE public.token_reset_listener_cursors
 -- name: ledger_horizon
 SELECT allocated, writers, waiting FROM public.token_reset_listener_horizon($1::text[])
 
+-- name: ledger_horizon_holders
+-- The sessions of the transactions (virtual ids from token_reset_listener_horizon)
+-- that wrote the ledger and still hold the horizon back.  Any role sees pid, user
+-- and application_name; state and the transaction's age only for its own sessions
+-- or with pg_read_all_stats (NULL otherwise).  A prepared transaction has no pid.
+-- One row per transaction (it holds many locks); now() is this statement's start.
+SELECT DISTINCT l.virtualtransaction, l.pid, a.usename, a.application_name, a.state,
+       extract(epoch FROM pg_catalog.now() - a.xact_start)::float8 AS transaction_seconds
+  FROM pg_catalog.pg_locks l
+  LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+ WHERE l.virtualtransaction = ANY ($1::text[])
+ ORDER BY l.virtualtransaction
+
 -- name: ledger_window
 -- One window (ids $2 < id <= $3) of reset rows, aggregated per (source, period)
 -- through the partial index on reset ids, and the consumer's cursor moved to $3:

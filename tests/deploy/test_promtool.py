@@ -32,6 +32,7 @@ EXPECTED_ALERTS = {
     "TokenResetListenerDown": "page",
     "TokenResetListenerDisconnected": "page",
     "TokenResetListenerAbsent": "page",
+    "TokenResetCountingHeldBack": "ticket",
 }
 
 MAX_RANGE_SECONDS = 15 * 86400

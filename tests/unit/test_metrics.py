@@ -25,6 +25,7 @@ CONTRACT = {
     "token_reset_listener_connected": ("gauge", set()),
     "token_reset_listener_pooled_connection": ("gauge", set()),
     "token_reset_reconnects_total": ("counter", set()),
+    "token_reset_ledger_held_back_seconds": ("gauge", set()),
     "token_reset_event_lag_seconds": ("histogram", set()),
     "token_reset_bulk_runs_total": ("counter", {"outcome"}),
     "token_reset_bulk_last_success_timestamp_seconds": ("gauge", set()),
