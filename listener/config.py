@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from listener.secret_files import with_secret_files
+
 LogFormat = Literal["json", "console"]
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A bearer secret shorter than this is guessable online; refused at start-up.
@@ -55,6 +57,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, stdout_is_tty: bool | None = None) -> Settings:
         """Build settings from a mapping such as os.environ; raises ConfigError."""
+        env = with_secret_files(env, ConfigError)  # CRON_SECRET_FILE, DATABASE_URL_FILE
         tty = sys.stdout.isatty() if stdout_is_tty is None else stdout_is_tty
         log_format = env.get("LOG_FORMAT", "console" if tty else "json").strip().lower()
         if log_format not in ("json", "console"):
