@@ -20,6 +20,7 @@ failure loses nothing: committed batches stay whole and a rerun finishes the job
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -341,21 +342,29 @@ class _Connections:
             await held.commit()
 
     async def close(self) -> None:
-        """After a run that ended normally: release the lock, close both politely."""
-        await self.release()
-        for conn in (self.work, self.lock):
-            if conn is None:
-                continue
-            try:
-                await conn.close(timeout=CLEANUP_TIMEOUT_SECONDS)
-            except Exception:
-                conn.terminate()
+        """After a run that ended normally: release the lock, close both politely.
+
+        Shielded and bounded, and whatever did not close politely (a cancellation
+        arriving meanwhile, a dead socket) is terminated: never a connection left open.
+        """
+        try:
+            with anyio.move_on_after(CLEANUP_TIMEOUT_SECONDS, shield=True):
+                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    await self.release()
+                for conn in (self.work, self.lock):
+                    if conn is not None:
+                        with contextlib.suppress(
+                            OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError
+                        ):
+                            await conn.close(timeout=CLEANUP_TIMEOUT_SECONDS)
+        finally:
+            self.terminate()
 
     def terminate(self) -> None:
         """After a failure: drop both at once; the server ends the lock's transaction."""
         self._held = None
         for conn in (self.work, self.lock):
-            if conn is not None:
+            if conn is not None and not conn.is_closed():
                 conn.terminate()
 
 
