@@ -28,7 +28,10 @@ if TYPE_CHECKING:
 
 ALERT_NAME: Final = "TokenResetMissedMonth"
 ALERT_LABELS: Final = {"alertname": ALERT_NAME, "severity": "page", "service": "token-reset"}
-RUNBOOK_URL: Final = "deploy/README.md#tokenresetmissedmonth"
+# Absolute, so a pager shows a link: the base documented at the top of
+# deploy/prometheus/rules.yml (tests/deploy/test_promtool.py holds the two equal).
+RUNBOOK_BASE_URL: Final = "https://runbooks.example.com/token-reset"
+RUNBOOK_URL: Final = f"{RUNBOOK_BASE_URL}#tokenresetmissedmonth"
 # An active alert's endsAt lies this many watchdog intervals ahead (at least a minute):
 # if the listener dies, Alertmanager resolves the alert by itself afterwards.
 TTL_INTERVALS: Final = 4

@@ -1,15 +1,26 @@
 """The bulk backup reset, shared by the endpoint, the CLI and the built-in schedule.
 
-One run at a time across every process and replica: a session-level advisory lock on
-the run's own connection (never the LISTEN connection).  A caller that finds the lock
-taken returns at once with outcome "skipped" and the running run's id.  Each batch is
-its own transaction (bounded row locks, one NOTIFY per batch) and records its progress
-in the run's row in that same transaction, so a failure loses nothing: committed
-batches stay whole and a rerun finishes the job.
+One run at a time across every process and replica.  The lock is a transaction-level
+advisory lock held by an open transaction on a connection of its own (the "lock
+connection", application_name token-reset:bulk-lock), while a second connection
+(token-reset:bulk) does the work.  Why not a session-level lock on one connection:
+behind a transaction-mode pooler (PgBouncer pool_mode=transaction) "the session" is
+whichever server connection the pool lends for one transaction, so a session lock
+stays behind on a pooled server after the run (every later run: "skipped") and the
+unlock lands elsewhere.  An open transaction keeps its server connection in every
+pool mode, and ends, with its lock, when the run ends or the process dies.  The lock
+transaction runs only simple-protocol statements after taking the lock, so it holds
+no snapshot and no transaction id: vacuum keeps cleaning up behind a long run.
+
+A caller that finds the lock taken returns at once with outcome "skipped" and the
+running run's id.  Each batch is its own transaction (bounded row locks, one NOTIFY
+per batch) and records its progress in the run's row in that same transaction, so a
+failure loses nothing: committed batches stay whole and a rerun finishes the job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -20,6 +31,7 @@ from uuid import UUID, uuid4
 import anyio
 import asyncpg
 import structlog
+from asyncpg.transaction import Transaction
 
 from listener.config import Settings
 from listener.connection import Backoff, enable_keepalive
@@ -31,10 +43,6 @@ RunSource = Literal["endpoint", "cli", "schedule"]
 SkipReason = Literal["already_running", "slot_done"]
 # Recording a failure (a few ms normally) must not stretch a bounded shutdown much.
 CLEANUP_TIMEOUT_SECONDS = 2.0
-# The final pass waits for rows a writer holds; a writer that never lets go fails the
-# run (recorded, retried) instead of holding the bulk lock forever.  The writer's own
-# update resets its row through the trigger anyway.
-LOCK_TIMEOUT = "60s"
 _MAX_ERROR_CHARS = 300
 # A batch rolled back by a serialization failure (40001) or deadlock (40P01) is tried
 # again this many times, with jittered backoff from the base up to the cap.
@@ -176,27 +184,36 @@ class _Run:
             "duration_ms": self.elapsed_ms(),
         }
 
-    async def execute(self, conn: asyncpg.Connection) -> BulkResult:
+    async def execute(self, locking: _Connections) -> BulkResult:
         """Lock, record, walk the batches, final pass; or step aside."""
-        if not await conn.fetchval(query("bulk_lock_try")):
+        lock = await locking.open_lock()
+        if not await lock.fetchval(query("bulk_lock_try")):
             try:
-                other = await _recorded_holder(conn)
+                other = await _recorded_holder(lock)
             except BulkLockSquatted as exc:
                 # Recorded as a failed run: status, the gauges and the alerts see it.
-                await conn.execute(
+                await lock.execute(
                     query("bulk_run_refused"), self.run_id, self.source, self.slot, str(exc)
                 )
                 raise
-            return await self.skip(conn, "already_running", other)
+            return await self.skip(lock, "already_running", other)
+        # The run row names the lock's backend: a caller that finds the lock taken
+        # checks that its holder is a recorded run (see _recorded_holder).
+        lock_pid = await lock.fetchval(query("bulk_lock_pid"))
+        # A simple-protocol statement after the lock: it also drops the extended
+        # protocol's unnamed portal, whose snapshot would otherwise pin an xmin for
+        # as long as the run holds the lock.
+        await lock.execute(query("bulk_lock_hold"))
+        conn = await locking.open_work()
         abandoned = await conn.fetch(query("bulk_abandon_running"))
         if abandoned:
             log.warning("bulk_run_abandoned", run_ids=[str(r["run_id"]) for r in abandoned])
         if self.slot is not None:
             served_by = await conn.fetchval(query("bulk_slot_done"), self.slot)
             if served_by is not None:
-                await conn.execute(query("bulk_unlock"))
+                await locking.release()
                 return await self.skip(conn, "slot_done", served_by)
-        await conn.execute(query("bulk_run_start"), self.run_id, self.source, self.slot)
+        await conn.execute(query("bulk_run_start"), self.run_id, self.source, self.slot, lock_pid)
         self.recorded = True
         after: UUID | None = None
         # Nothing to do (the usual daily run after the 1st) costs one scan, no batches.
@@ -213,7 +230,7 @@ class _Run:
         # success record commit together: "success" always means the job was finished.
         done = await self.retrying(conn, self._finish, None)
         self.reset_count = done["reset_count"]
-        await conn.execute(query("bulk_unlock"))
+        await locking.release()
         return BulkResult(
             run_id=self.run_id,
             source=self.source,
@@ -228,12 +245,14 @@ class _Run:
 
     async def _batch(self, conn: asyncpg.Connection, after: UUID | None) -> asyncpg.Record:
         async with conn.transaction():
+            await conn.execute(query("bulk_work_settings"))
             batch = _one(await conn.fetchrow(query("bulk_batch"), after, self.size), "batch")
             await conn.execute(query("bulk_run_progress"), self.run_id, batch["reset_count"])
         return batch
 
     async def _finish(self, conn: asyncpg.Connection, _: UUID | None) -> asyncpg.Record:
         async with conn.transaction():
+            await conn.execute(query("bulk_work_settings"))
             final = await conn.fetchval(query("bulk_final_pass"))
             return _one(await conn.fetchrow(query("bulk_run_success"), self.run_id, final), "run")
 
@@ -299,10 +318,9 @@ class _Run:
             # A progress printer that fails (closed terminal) must not abort a reset.
             log.warning("bulk_progress_callback_failed", run_id=str(self.run_id), exc_info=True)
 
-    async def after_failure(self, conn: asyncpg.Connection | None, message: str) -> None:
-        """Drop the run's connection (its lock goes with it) and record the failure afresh."""
-        if conn is not None:
-            conn.terminate()
+    async def after_failure(self, locking: _Connections, message: str) -> None:
+        """Drop the run's connections (the lock goes with them); record the failure afresh."""
+        locking.terminate()
         if not self.recorded:
             return
         recorded = False
@@ -342,27 +360,22 @@ async def run_bulk_reset(
     run = _Run(settings, source, size, slot, on_batch)
     bound = log.bind(run_id=str(run.run_id), source=source)
     bound.info("bulk_reset_started", batch_size=size, slot=_iso(slot))
-    conn: asyncpg.Connection | None = None
+    locking = _Connections(settings)
     try:
-        conn = await connect(
-            settings,
-            role="bulk",
-            server_settings={"lock_timeout": LOCK_TIMEOUT},
-        )
-        # The kernel notices a dead peer; the deadline bounds a live but stalled one.
-        enable_keepalive(conn)
+        # The kernel notices a dead peer (keepalive on both connections); the deadline
+        # bounds a live but stalled one.
         with anyio.fail_after(settings.bulk_run_timeout_seconds):
-            result = await run.execute(conn)
+            result = await run.execute(locking)
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True):
-            await run.after_failure(conn, "cancelled")
+            await run.after_failure(locking, "cancelled")
         _count(metrics, "failure")
         bound.warning("bulk_reset_finished", **run.fields(), outcome="failure", error="cancelled")
         raise
     except Exception as exc:
         message = _describe(exc)
         with anyio.CancelScope(shield=True):
-            await run.after_failure(conn, message)
+            await run.after_failure(locking, message)
         _count(metrics, "failure")
         bound.error(
             "bulk_reset_finished", **run.fields(), outcome="failure", error=message, exc_info=True
@@ -374,7 +387,7 @@ async def run_bulk_reset(
             reset_count=run.reset_count,
             batches=run.batches,
         ) from exc
-    await _close(conn)
+    await locking.close()
     _count(metrics, result.outcome)
     if metrics is not None and result.finished_epoch is not None:
         metrics.bulk_last_success.set(result.finished_epoch)
@@ -391,11 +404,60 @@ async def run_bulk_reset(
     return result
 
 
-async def _close(conn: asyncpg.Connection) -> None:
-    try:
-        await conn.close(timeout=CLEANUP_TIMEOUT_SECONDS)
-    except Exception:
-        conn.terminate()
+class _Connections:
+    """A run's two connections: the lock's (one open transaction) and the work's."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.lock: asyncpg.Connection | None = None
+        self.work: asyncpg.Connection | None = None
+        self._held: Transaction | None = None
+
+    async def open_lock(self) -> asyncpg.Connection:
+        """Connect and BEGIN the transaction that will hold the run's lock."""
+        self.lock = await connect(self._settings, role="bulk-lock")
+        enable_keepalive(self.lock)
+        self._held = self.lock.transaction()
+        await self._held.start()
+        return self.lock
+
+    async def open_work(self) -> asyncpg.Connection:
+        """The connection that runs the batches (opened only once the lock is held)."""
+        self.work = await connect(self._settings, role="bulk")
+        enable_keepalive(self.work)
+        return self.work
+
+    async def release(self) -> None:
+        """End the lock's transaction: the next run may start."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            await held.commit()
+
+    async def close(self) -> None:
+        """After a run that ended normally: release the lock, close both politely.
+
+        Shielded and bounded, and whatever did not close politely (a cancellation
+        arriving meanwhile, a dead socket) is terminated: never a connection left open.
+        """
+        try:
+            with anyio.move_on_after(CLEANUP_TIMEOUT_SECONDS, shield=True):
+                with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    await self.release()
+                for conn in (self.work, self.lock):
+                    if conn is not None:
+                        with contextlib.suppress(
+                            OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError
+                        ):
+                            await conn.close(timeout=CLEANUP_TIMEOUT_SECONDS)
+        finally:
+            self.terminate()
+
+    def terminate(self) -> None:
+        """After a failure: drop both at once; the server ends the lock's transaction."""
+        self._held = None
+        for conn in (self.work, self.lock):
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
 
 
 def _describe(exc: BaseException) -> str:

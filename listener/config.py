@@ -17,6 +17,7 @@ from typing import Any, Literal, TypedDict, TypeVar, Unpack, cast
 
 from listener.destinations import DestinationError, load_destinations, split_urls
 from listener.dsn import REDACTED, check_dsn, redact_dsn, redact_url
+from listener.secret_files import with_secret_files
 from listener.slots import DEFAULT_SCHEDULE, ScheduleSpec, parse_schedule
 
 LogFormat = Literal["json", "console"]
@@ -81,6 +82,7 @@ class Settings:
 
         An empty variable means its default, for every variable.
         """
+        env = with_secret_files(env, ConfigError)  # CRON_SECRET_FILE, DATABASE_URL_FILE
         tty = sys.stdout.isatty() if stdout_is_tty is None else stdout_is_tty
 
         def read(name: str, check: Callable[[str, str], _T], default: _T) -> _T:

@@ -6,10 +6,19 @@ then hears nothing, forever, and "no notifications" looks like "no resets".  So:
 
 * TCP keepalives on the socket, so the kernel notices a silent peer;
 * a termination listener, so a connection asyncpg sees closing ends the session now;
-* a round-trip probe: NOTIFY our own channel with a nonce and expect it back within
-  a timeout, which proves the whole path (socket, server, LISTEN registration);
-* on any failure the caller `terminate()`s (a `close()` on a dead socket can hang)
-  and reconnects with capped exponential backoff and full jitter.
+* a round-trip probe: NOTIFY our channel with a nonce from a second connection (the
+  probe's own) and expect it back on the LISTEN connection within a timeout.  That is
+  the path every doorbell takes: another session's NOTIFY reaching our idle LISTEN
+  session.  A NOTIFY sent on the LISTEN connection itself would prove much less: it
+  comes back inside its own statement, even through a transaction-mode pooler that
+  drops every notification arriving between our statements;
+* an unanswered probe is diagnosed with one query on the LISTEN connection: no answer
+  or a server process that no longer listens means dead or deaf (the caller
+  `terminate()`s, since a `close()` on a dead socket can hang, and reconnects with
+  capped exponential backoff and full jitter); an answer from a listening server
+  process means notifications are lost on the way although the connection works,
+  i.e. a transaction-mode pooler, which a reconnect cannot fix: it is reported
+  instead (`ProbeResult.delivered` is False).
 """
 
 from __future__ import annotations
@@ -45,7 +54,19 @@ DOORBELL_BUFFER_SIZE: Final = 1024
 
 
 class ProbeFailed(Exception):
-    """The probe's NOTIFY did not come back in time: the connection is not listening."""
+    """The probe's NOTIFY did not come back and the connection is dead or deaf: reconnect."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """One probe on a connection that answers queries."""
+
+    round_trip_seconds: float
+    # The echo arrived: other sessions' notifications reach the LISTEN session.
+    delivered: bool
+    # Not delivered: the server process that answered the diagnosis query (it
+    # listens; it may not be the one that ran LISTEN).
+    query_backend_pid: int | None = None
 
 
 @dataclass
@@ -90,13 +111,24 @@ def enable_keepalive(conn: asyncpg.Connection) -> bool:
 
 
 class ListenConnection:
-    """One asyncpg connection LISTENing on token_resets; every query goes through `lock`."""
+    """One asyncpg connection LISTENing on token_resets; every query goes through `lock`.
+
+    A second connection, `sender`, only sends the probe's NOTIFY (see the module
+    docstring); it is opened with the LISTEN connection and dropped with it.
+    """
 
     def __init__(self, conn: asyncpg.Connection, on_payload: Callable[[str], None]) -> None:
         self.conn = conn
         self.lock = anyio.Lock()
         self.lost = anyio.Event()
         self.keepalive = False
+        # The server process that ran LISTEN (pg_backend_pid() in that transaction).
+        self.listen_pid: int | None = None
+        self.sender: asyncpg.Connection | None = None
+        # Probes completed (echoed or diagnosed): tests and benchmarks wait on it.
+        self.probes = 0
+        # Notifications taken off the connection: the probe's proof of life in a flood.
+        self.received = 0
         self._on_payload = on_payload
         self._probe_nonce: str | None = None
         self._probe_echo = anyio.Event()
@@ -105,36 +137,37 @@ class ListenConnection:
     async def open(
         cls, settings: Settings, on_payload: Callable[[str], None], *, connect_seconds: float
     ) -> ListenConnection:
-        """Connect, arm keepalive and the termination listener, then LISTEN."""
-        # Cursor writes need not wait for a WAL flush: a crash of this process loses
-        # nothing committed, and after a database crash the process keeps its own
-        # cursor (see Ledger.open).  Flushing per window tripled the lag under load.
-        conn = await connect(
-            settings,
-            role="listen",
-            timeout=connect_seconds,
-            server_settings={"synchronous_commit": "off"},
-        )
+        """Connect, arm keepalive and the termination listener, LISTEN, open the sender."""
+        conn = await connect(settings, role="listen", timeout=connect_seconds)
         listen = cls(conn, on_payload)
         try:
             listen.keepalive = enable_keepalive(conn)
             conn.add_termination_listener(listen._on_terminated)
             with anyio.fail_after(connect_seconds):
-                # asyncpg forgets listeners with the connection: register on every new one.
-                await conn.add_listener(CHANNEL, listen._on_notification)
+                # asyncpg forgets listeners with the connection: register on every new
+                # one.  One transaction with pg_backend_pid(), because behind PgBouncer
+                # asyncpg's get_server_pid() is the pooler's made-up cancel key, and
+                # in transaction mode only a transaction pins one server process.
+                async with conn.transaction():
+                    await conn.add_listener(CHANNEL, listen._on_notification)
+                    listen.listen_pid = int(await conn.fetchval(query("listener_backend_pid")))
+                listen.sender = await connect(settings, role="probe", timeout=connect_seconds)
         except BaseException:
-            conn.terminate()
+            listen.terminate()
             raise
         return listen
 
     @property
     def backend_pid(self) -> int:
-        """The server process of this connection (what pg_terminate_backend takes)."""
+        """The server process holding the LISTEN (what pg_terminate_backend takes)."""
+        if self.listen_pid is not None:
+            return self.listen_pid
         return int(self.conn.get_server_pid())
 
     def _on_notification(self, conn: object, pid: int, channel: str, payload: object) -> None:
         # Runs as a plain loop callback: must never block or raise.  The echo is
         # recognised here, not after the buffer, so a full buffer cannot fail a probe.
+        self.received += 1
         text = str(payload)
         nonce = self._probe_nonce
         if nonce is not None and nonce in text:
@@ -144,40 +177,129 @@ class ListenConnection:
     def _on_terminated(self, conn: object) -> None:
         self.lost.set()
 
-    async def probe(self, within: float) -> float:
-        """NOTIFY ourselves and wait for the echo; returns the round trip in seconds."""
+    async def probe(self, within: float) -> ProbeResult:
+        """NOTIFY from the sender, wait for the echo; diagnose a missing one.
+
+        Raises ProbeFailed when the connection is dead or deaf (reconnecting helps);
+        returns `delivered=False` when it answers queries but hears nothing (a
+        transaction-mode pooler: reconnecting does not help).
+
+        The connection's lock is held throughout, so no statement of ours runs while
+        the echo travels: the LISTEN session is idle, as it is when a doorbell rings.
+        (A transaction-mode pooler does pass on a notification that happens to arrive
+        during one of our statements; a probe racing the ledger reader would pass by
+        luck.)
+
+        `within` is how long the probe waits *without any notification arriving*.  An
+        echo queued behind a flood (any role may NOTIFY our channel: 2 million in a
+        few seconds take the listener ten to drain) arrives late, in order; the
+        notifications arriving meanwhile prove the socket, the server and the LISTEN
+        alive, so each one seen pushes the deadline on (`_extend_while_traffic`).
+        """
         nonce = new_nonce()
         self._probe_echo = anyio.Event()
-        self._probe_nonce = nonce
         started = anyio.current_time()
+        phase = "lock"
+        error: Exception | None = None
+        with anyio.CancelScope(deadline=started + within) as scope:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._extend_while_traffic, scope, within)
+                try:
+                    await self.lock.acquire()
+                    phase = "send"
+                    self._probe_nonce = nonce
+                    await self._send(probe_payload(nonce))
+                    phase = "echo"
+                    await self._probe_echo.wait()
+                except Exception as exc:  # re-raised below, not wrapped in an ExceptionGroup
+                    error = exc
+                group.cancel_scope.cancel()
+        self._probe_nonce = None
+        self.probes += 1
+        waited = anyio.current_time() - started
         try:
-            with anyio.fail_after(within):
-                async with self.lock:
-                    await self.conn.execute(query("listener_probe"), probe_payload(nonce))
-                await self._probe_echo.wait()
-        except TimeoutError:
-            raise ProbeFailed(f"probe not echoed within {within:g}s") from None
+            if error is not None:
+                raise error
+            if self._probe_echo.is_set():
+                return ProbeResult(round_trip_seconds=waited, delivered=True)
+            if phase == "lock":
+                raise ProbeFailed(f"the connection stayed busy for {waited:.3g}s")
+            if phase == "send":
+                raise ProbeFailed(f"the probe's NOTIFY was not sent within {waited:.3g}s")
+            return await self._diagnose(within, waited)
         finally:
-            self._probe_nonce = None
-        return anyio.current_time() - started
+            if phase != "lock":
+                self.lock.release()
+
+    async def _extend_while_traffic(self, scope: anyio.CancelScope, within: float) -> None:
+        """Keep the probe's deadline `within` seconds after the latest notification seen."""
+        seen = self.received
+        while True:
+            await anyio.sleep(within / 4)
+            if self.received != seen:
+                seen = self.received
+                scope.deadline = max(scope.deadline, anyio.current_time() + within)
+
+    async def _send(self, payload: str) -> None:
+        """The probe's NOTIFY, on the sender connection; a failure ends the session."""
+        sender = self.sender
+        if sender is None or sender.is_closed():
+            raise ProbeFailed("the probe's connection is closed")
+        try:
+            await sender.execute(query("listener_probe"), payload)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise ProbeFailed(f"the probe's NOTIFY failed: {type(exc).__name__}: {exc}") from exc
+
+    async def _diagnose(self, within: float, waited: float) -> ProbeResult:
+        """No echo: does the LISTEN connection still answer, and from a listening process?"""
+        with anyio.move_on_after(within):
+            row = await self.conn.fetchrow(query("listener_diagnose"))  # under probe()'s lock
+            if row is None:  # the query always returns one row
+                raise RuntimeError("listener_diagnose returned no row")
+            pid, listening = int(row["backend_pid"]), bool(row["listening"])
+            if pid == self.listen_pid and not listening:
+                raise ProbeFailed(f"probe not echoed: server process {pid} no longer listens")
+            return ProbeResult(round_trip_seconds=waited, delivered=False, query_backend_pid=pid)
+        raise ProbeFailed(
+            f"probe not echoed within {waited:.3g}s and the connection does not answer"
+        )
+
+    def undelivered_reason(self, result: ProbeResult) -> str:
+        """One line for /readyz and the log: what was seen, and what to change."""
+        if result.query_backend_pid != self.listen_pid:
+            seen = (
+                f"LISTEN ran on server process {self.listen_pid}, "
+                f"statements now run on {result.query_backend_pid}"
+            )
+        else:
+            seen = f"server process {self.listen_pid} listens, but nothing reaches us"
+        return (
+            "other sessions' notifications do not reach the LISTEN connection although it "
+            f"answers queries ({seen}): DATABASE_URL goes through a transaction-mode pooler "
+            "(PgBouncer pool_mode=transaction); LISTEN needs a direct connection or "
+            "pool_mode=session"
+        )
 
     def terminate(self) -> None:
-        """Drop the connection at once, without a goodbye that a dead peer never answers."""
+        """Drop both connections at once, without a goodbye that a dead peer never answers."""
         self.conn.terminate()
+        if self.sender is not None:
+            self.sender.terminate()
 
     async def close(self, within: float) -> None:
-        """Close politely within `within` seconds, else terminate; for orderly shutdown."""
+        """Close both politely within `within` seconds, else terminate; for orderly shutdown."""
+        connections = [conn for conn in (self.sender, self.conn) if conn is not None]
         try:
-            with (
-                anyio.move_on_after(within, shield=True),
-                contextlib.suppress(
-                    OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError
-                ),
-            ):
-                await self.conn.close(timeout=within)
+            with anyio.move_on_after(within, shield=True):
+                for conn in connections:
+                    with contextlib.suppress(
+                        OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError
+                    ):
+                        await conn.close(timeout=within)
         finally:
-            if not self.conn.is_closed():
-                self.conn.terminate()
+            for conn in connections:
+                if not conn.is_closed():
+                    conn.terminate()
 
 
 class DoorbellBuffer:

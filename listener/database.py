@@ -4,6 +4,21 @@ Every connection of every command goes through `connect`, which owns the one def
 connect timeout: a server that accepts TCP and never answers (a half-dead host, a
 wrong port on a proxy) costs DEFAULT_CONNECT_TIMEOUT_SECONDS, not asyncpg's 60 s,
 and the error says where it waited (host:port, never the URL with its password).
+
+Every connection may go through PgBouncer, so two rules hold for all of them:
+
+* **No startup parameters but application_name.**  PgBouncer refuses a client whose
+  startup packet carries any parameter it does not track ("unsupported startup
+  parameter"), in every pool mode.  A setting a connection needs is applied after
+  connecting: ``SET LOCAL`` inside the transaction that needs it (or
+  ``set_config(..., true)`` inside the one statement that needs it), never a session
+  ``SET`` that a transaction-mode pool would leak to other clients.
+* **No named prepared statements** (``statement_cache_size=0``).  Before PgBouncer
+  1.21 a transaction-mode pool executes a statement prepared on one server
+  connection on another ("prepared statement __asyncpg_stmt_N__ does not exist").
+  With the cache off asyncpg sends Parse, Describe, Bind and Execute of the unnamed
+  statement before a single Sync, which PgBouncer never splits.  The cost is one
+  round trip per query, which no path of ours notices.
 """
 
 from __future__ import annotations
@@ -33,11 +48,18 @@ async def connect(
     **kwargs: Any,
 ) -> asyncpg.Connection:
     """One connection, tagged in pg_stat_activity so an operator can tell ours apart."""
-    server_settings = {"application_name": f"{APPLICATION_NAME}:{role}"}
-    server_settings.update(kwargs.pop("server_settings", {}))
+    if "server_settings" in kwargs:
+        raise TypeError(
+            "startup parameters other than application_name are refused by PgBouncer: "
+            "apply the setting with SET LOCAL after connecting"
+        )
+    kwargs.setdefault("statement_cache_size", 0)
     try:
         conn: asyncpg.Connection = await asyncpg.connect(
-            settings.database_url, server_settings=server_settings, timeout=timeout, **kwargs
+            settings.database_url,
+            server_settings={"application_name": f"{APPLICATION_NAME}:{role}"},
+            timeout=timeout,
+            **kwargs,
         )
     except TimeoutError:
         # str(TimeoutError()) is empty: the operator would read "cannot connect: ".

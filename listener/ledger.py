@@ -17,7 +17,10 @@ ids above a cursor and turns each one into metrics exactly once:
   the sequence's high-water mark, once the transactions that were writing the
   ledger at that moment have ended.  Under steady writes that costs one extra read
   cycle of lag; a transaction that writes the ledger and stays open holds counting
-  back until it ends (logged as ``ledger_horizon_waiting``).
+  back until it ends.  How long is the gauge `token_reset_ledger_held_back_seconds`
+  (alert TokenResetCountingHeldBack); past ``warn_after_seconds`` the log line
+  ``ledger_horizon_waiting`` names the holders' sessions (pid, user,
+  application_name), so an operator can find the forgotten transaction.
 * **Windows.**  Reads go by id in windows of at most ``WINDOW_IDS`` ids, aggregated
   in SQL per (source, period), so a backlog of millions is bounded work per query.
 * **Lag.**  `token_reset_event_lag_seconds` gets one observation per (source,
@@ -47,6 +50,8 @@ log = structlog.get_logger("listener.ledger")
 WINDOW_IDS: Final = 50_000
 # A horizon held back this long by one open transaction is worth an operator's look.
 HORIZON_WAIT_WARNING_SECONDS: Final = 30.0
+# Holders named in the log line (a pile-up of hundreds is summarised by the count).
+HOLDERS_LOGGED: Final = 10
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ class Ledger:
         # timestamp processing with it.  Must not block.
         self.on_window: Callable[[int, int, int], None] | None = None
         self._pending: _Pending | None = None
+        # How long a held-back horizon waits before the log names its holders.
+        self.warn_after_seconds = HORIZON_WAIT_WARNING_SECONDS
         self._last_reset_at = 0.0
         self._lock: anyio.Lock | None = None
 
@@ -122,6 +129,7 @@ class Ledger:
         # (the save uses greatest(), so repeating it is harmless).
         self.cursor = stored if self.cursor is None else self.cursor
         self._pending = None
+        self.metrics.ledger_held_back.set(0)
         if row["created"]:
             log.info("ledger_cursor_created", consumer=self.consumer, cursor=self.cursor)
         cache = await conn.fetchval(query("ledger_sequence_cache"))
@@ -201,8 +209,10 @@ class Ledger:
         elif pending is None and allocated > settled:
             pending = _Pending(allocated, writers)
         elif pending is not None:
-            self._warn_if_stuck(pending)
+            await self._warn_if_stuck(conn, pending)
         self._pending = pending
+        held = 0.0 if pending is None else time.monotonic() - pending.since
+        self.metrics.ledger_held_back.set(held)
         return allocated, settled
 
     async def _rewind(self, conn: asyncpg.Connection, cursor: int, allocated: int) -> int:
@@ -221,17 +231,36 @@ class Ledger:
         self.cursor = allocated
         return allocated
 
-    def _warn_if_stuck(self, pending: _Pending) -> None:
+    async def _warn_if_stuck(self, conn: asyncpg.Connection, pending: _Pending) -> None:
+        """Once per hold, past warn_after_seconds: log who holds counting back."""
         waited = time.monotonic() - pending.since
-        if not pending.warned and waited > HORIZON_WAIT_WARNING_SECONDS:
-            pending.warned = True
-            log.warning(
-                "ledger_horizon_waiting",
-                waited_seconds=round(waited, 1),
-                cursor=self.cursor,
-                writers=pending.writers[:10],
-                hint="open transactions that wrote token_transactions hold counting back",
-            )
+        if pending.warned or waited <= self.warn_after_seconds:
+            return
+        pending.warned = True
+        async with self._exclusive():
+            rows = await conn.fetch(query("ledger_horizon_holders"), pending.writers)
+        holders = [
+            {
+                "pid": row["pid"],
+                "user": row["usename"],
+                "application_name": row["application_name"],
+                "state": row["state"],
+                "transaction_seconds": None
+                if row["transaction_seconds"] is None
+                else round(row["transaction_seconds"], 1),
+                "virtual_transaction": row["virtualtransaction"],
+            }
+            for row in rows
+        ]
+        log.warning(
+            "ledger_horizon_waiting",
+            waited_seconds=round(waited, 1),
+            cursor=self.cursor,
+            holders=holders[:HOLDERS_LOGGED],
+            holder_count=len(holders),
+            hint="open transactions that wrote token_transactions hold counting back: "
+            "end them (COMMIT/ROLLBACK, or pg_terminate_backend(pid))",
+        )
 
     async def _window(self, conn: asyncpg.Connection, after: int, upper: int) -> int:
         """Read (after, upper] and save the cursor in one statement, then count."""

@@ -1,13 +1,25 @@
 """Prometheus metrics, on a registry the caller owns (tests build their own).
 
 No user id ever becomes a label: labels are small closed sets (source, outcome).
+Besides the service's own metrics, the registry carries prometheus_client's standard
+process_* metrics (CPU, memory, file descriptors, start time: the global registry
+has them, a private one must add them) and token_reset_build_info{version}.
 """
 
 from __future__ import annotations
 
 from typing import Final, Literal
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+
+from listener import __version__
 
 # The *_created series double every counter's output and no rule or panel uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -94,9 +106,22 @@ class Metrics:
             "1 while the LISTEN connection is up and its probe answers.",
             registry=registry,
         )
+        self.listener_pooled = Gauge(
+            "token_reset_listener_pooled_connection",
+            "1 when the LISTEN connection answers queries but other sessions' notifications "
+            "do not reach it: a transaction-mode pooler (PgBouncer pool_mode=transaction) "
+            "is in the path.",
+            registry=registry,
+        )
         self.reconnects = Counter(
             "token_reset_reconnects_total",
             "Times the listener connection was re-established after a loss.",
+            registry=registry,
+        )
+        self.ledger_held_back = Gauge(
+            "token_reset_ledger_held_back_seconds",
+            "Seconds the ledger reader has been waiting for open transactions that wrote "
+            "token_transactions: resets after them are not counted meanwhile (0 = none).",
             registry=registry,
         )
         self.event_lag = Histogram(
@@ -138,6 +163,15 @@ class Metrics:
             ["task"],
             registry=registry,
         )
+        self.build_info = Gauge(
+            "token_reset_build_info",
+            "Always 1; the version label says which release this process runs.",
+            ["version"],
+            registry=registry,
+        )
+        self.build_info.labels(version=__version__).set(1)
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... (Linux /proc).
+        ProcessCollector(registry=registry)
         # Pre-create label sets so every series exists (at 0) from the first scrape:
         # rate() and absent() then behave, and dashboards show zeros, not gaps.
         for source in RESET_SOURCES:

@@ -10,9 +10,12 @@ The `HH:MM` form keeps meaning daily at HH:MM UTC.
 A slot is served when a scheduled run recorded success for it; replicas and restarts
 agree through the runs table, and the advisory lock in listener.bulk keeps two
 replicas from running at once (the loser records "skipped").  At start, a slot missed
-while the process was down is run at once (catch-up; only the latest, once).  Time
-comes from the injected clock, so tests drive `tick(now)` across a month boundary
-without waiting.
+while the process was down is run at once (catch-up; only the latest, once):
+`listen` then writes to the database before anyone asked it to, so its first schedule
+line says so, as a warning, before the run starts (`schedule_catch_up_run`: the slot,
+"now", why, how to turn it off); otherwise the first line says when the next run is
+(`schedule_next_run`).  Time comes from the injected clock, so tests drive
+`tick(now)` across a month boundary without waiting.
 """
 
 from __future__ import annotations
@@ -124,6 +127,8 @@ class Scheduler:
         if not first and self._zones_stale(now):
             await self._refresh_zones(now)
         slot = self.latest_slot(now)
+        if first:
+            self._announce(now, slot)
         if self._served_through is not None and slot <= self._served_through:
             return None
         log.info(
@@ -154,6 +159,30 @@ class Scheduler:
                 other_run_id=str(result.other_run_id) if result.other_run_id else None,
             )
         return result
+
+    def _announce(self, now: datetime, slot: datetime) -> None:
+        """The one start-up line: a catch-up run now (a write nobody asked for), or when next."""
+        served = self._served_through
+        if served is not None and slot <= served:
+            log.info("schedule_next_run", at=self.next_due(now).isoformat())
+            return
+        if served is None:
+            reason = "no successful scheduled run is recorded in token_reset_bulk_runs"
+        else:
+            reason = (
+                "no successful scheduled run is recorded for this slot (the last was "
+                f"{served.isoformat()}): no replica was running at {slot.isoformat()}"
+            )
+        log.warning(
+            "schedule_catch_up_run",
+            slot=slot.isoformat(),
+            runs="now",
+            last_served_slot=None if served is None else served.isoformat(),
+            reason=reason,
+            writes="resets every user still carrying last period's usage, in batches",
+            hint="RESET_SCHEDULE=off (or `listen --no-schedule`) leaves the bulk reset to "
+            "an external scheduler",
+        )
 
     def _failed(self, now: datetime, slot: datetime, error: str) -> None:
         """Come back after the retry delay; the runner already logged the stack."""

@@ -30,7 +30,13 @@ from starlette.applications import Starlette
 
 from listener.clock import Clock, utc_now
 from listener.config import Settings
-from listener.connection import Backoff, DoorbellBuffer, ListenConnection, ProbeFailed
+from listener.connection import (
+    Backoff,
+    DoorbellBuffer,
+    ListenConnection,
+    ProbeFailed,
+    ProbeResult,
+)
 from listener.database import DEFAULT_CONNECT_TIMEOUT_SECONDS
 from listener.http import create_app, run_http
 from listener.ledger import CatchUp, Ledger
@@ -71,8 +77,12 @@ class ServiceState:
     """What /readyz reports; other tasks read it, only the service writes it."""
 
     connected: bool = False
+    # A probe's echo came back on this connection: notifications are delivered.
     listening: bool = False
     caught_up: bool = False
+    # Why notifications are not delivered although the connection works (one line),
+    # until a probe's echo comes back; kept across reconnects so it is logged once.
+    undelivered: str | None = None
     stopping: bool = False
     backend_pid: int | None = None
     http_port: int | None = None
@@ -88,7 +98,7 @@ class ServiceState:
         if not self.connected:
             reasons.append(f"not connected to the database ({self.last_error or 'starting'})")
         elif not self.listening:
-            reasons.append("LISTEN is not active")
+            reasons.append(self.undelivered or "LISTEN not confirmed yet (first probe pending)")
         elif not self.caught_up:
             reasons.append("catching up with the ledger")
         # A dead sibling makes the whole service unready: its gauges would be stale.
@@ -261,8 +271,9 @@ class Service:
 
     def _connected(self, listen: ListenConnection, cursor: int) -> None:
         self.listen = listen
-        self.state.connected = self.state.listening = True
-        self.state.caught_up = False
+        self.state.connected = True
+        # Listening is what the first probe (sent at once) proves, not what LISTEN says.
+        self.state.listening = self.state.caught_up = False
         self.state.backend_pid = listen.backend_pid
         self.state.last_error = None
         self.metrics.listener_connected.set(1)
@@ -298,14 +309,57 @@ class Service:
         fail("ConnectionLost", "the connection was closed")
 
     async def _probe_loop(self, listen: ListenConnection, fail: Fail) -> None:
+        """Probe at once (readiness waits for it), then every probe interval."""
         while True:
-            await anyio.sleep(self.settings.probe_interval_seconds)
             try:
-                seconds = await listen.probe(self.settings.probe_timeout_seconds)
+                result = await listen.probe(self.settings.probe_timeout_seconds)
             except ProbeFailed:
                 self.metrics.listener_connected.set(0)
                 raise
-            log.debug("probe_echoed", round_trip_seconds=round(seconds, 6))
+            if result.delivered and result.round_trip_seconds > self.settings.probe_timeout_seconds:
+                # Waited behind other traffic (a NOTIFY flood, a backlog): alive, but slow.
+                log.warning(
+                    "probe_delayed",
+                    round_trip_seconds=round(result.round_trip_seconds, 3),
+                    timeout_seconds=self.settings.probe_timeout_seconds,
+                    delivered=result.delivered,
+                    notifications_received=listen.received,
+                )
+            if result.delivered:
+                self._delivered(result)
+            else:
+                self._undelivered(listen, result)
+            await anyio.sleep(self.settings.probe_interval_seconds)
+
+    def _delivered(self, result: ProbeResult) -> None:
+        self.state.listening = True
+        self.metrics.listener_connected.set(1)
+        self.metrics.listener_pooled.set(0)
+        if self.state.undelivered is not None:
+            self.state.undelivered = None
+            log.info("listener_receiving_notifications")
+        log.debug("probe_echoed", round_trip_seconds=round(result.round_trip_seconds, 6))
+
+    def _undelivered(self, listen: ListenConnection, result: ProbeResult) -> None:
+        """Loud, not a reconnect loop and not a quiet fall-back to the periodic read.
+
+        A reconnect reaches the same pooler, so the session stays up: the periodic
+        catch-up keeps the counts right (late), /readyz says 503 with the reason, the
+        listener_connected gauge says 0 (the Disconnected alert fires) and
+        token_reset_listener_pooled_connection says why.  Logged once, until cleared.
+        """
+        self.state.listening = False
+        self.metrics.listener_connected.set(0)
+        self.metrics.listener_pooled.set(1)
+        if self.state.undelivered is None:
+            self.state.undelivered = listen.undelivered_reason(result)
+            log.error(
+                "listener_not_receiving_notifications",
+                reason=self.state.undelivered,
+                listen_backend_pid=listen.listen_pid,
+                query_backend_pid=result.query_backend_pid,
+                waited_seconds=round(result.round_trip_seconds, 3),
+            )
 
 
 async def _supervised(

@@ -3,12 +3,27 @@
 -- values as $n parameters.
 
 -- name: bulk_lock_try
--- Session-level: held on the runner's own connection for the whole run, released
--- by bulk_unlock or, if the process dies, by the connection closing.
-SELECT pg_try_advisory_lock(hashtext('token_reset.bulk'))
+-- Transaction-level, taken in the lock connection's open transaction and held until
+-- that transaction ends (the run finished) or its connection goes (the process died).
+-- An open transaction keeps its server connection in every PgBouncer pool mode; a
+-- session-level lock would stay behind on a pooled server connection.  Same key as
+-- the session-level lock of earlier releases: the two kinds conflict, so old and
+-- new replicas still exclude each other during a rolling upgrade.
+SELECT pg_try_advisory_xact_lock(hashtext('token_reset.bulk'))
 
--- name: bulk_unlock
-SELECT pg_advisory_unlock(hashtext('token_reset.bulk'))
+-- name: bulk_lock_hold
+-- Simple protocol, right after the lock (see listener/bulk.py): the held transaction
+-- waits idle for the whole run, so a server-side idle_in_transaction_session_timeout
+-- must not end it (and with it the lock) under a running run.
+SET LOCAL idle_in_transaction_session_timeout = 0
+
+-- name: bulk_work_settings
+-- First statement of every work transaction.  The final pass waits for rows a
+-- writer holds; a writer that never lets go fails the run (recorded, retried)
+-- instead of holding the bulk lock forever; the writer's own update resets its row
+-- through the trigger anyway.  SET LOCAL, not a startup parameter (PgBouncer
+-- refuses those) nor a session SET (a transaction pool would leak it to others).
+SET LOCAL lock_timeout = '60s'
 
 -- name: bulk_running_run
 -- The run holding the lock, for a caller that found it taken (NULL in the instant
@@ -57,9 +72,14 @@ SELECT run_id
  ORDER BY slot DESC
  LIMIT 1
 
+-- name: bulk_lock_pid
+-- The lock connection's backend (through PgBouncer the protocol's own pid is not it).
+SELECT pg_catalog.pg_backend_pid()
+
 -- name: bulk_run_start
+-- pid: the backend holding the run's lock, alive exactly as long as the run.
 INSERT INTO public.token_reset_bulk_runs (run_id, source, slot, pid)
-VALUES ($1, $2, $3, pg_catalog.pg_backend_pid())
+VALUES ($1, $2, $3, $4)
 
 -- name: bulk_pending
 -- One scan that stops at the first user still carrying last period's usage: a run

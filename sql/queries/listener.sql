@@ -26,6 +26,19 @@ UPDATE public.token_reset_listener_cursors
 -- name: ledger_horizon
 SELECT allocated, writers, waiting FROM public.token_reset_listener_horizon($1::text[])
 
+-- name: ledger_horizon_holders
+-- The sessions of the transactions (virtual ids from token_reset_listener_horizon)
+-- that wrote the ledger and still hold the horizon back.  Any role sees pid, user
+-- and application_name; state and the transaction's age only for its own sessions
+-- or with pg_read_all_stats (NULL otherwise).  A prepared transaction has no pid.
+-- One row per transaction (it holds many locks); now() is this statement's start.
+SELECT DISTINCT l.virtualtransaction, l.pid, a.usename, a.application_name, a.state,
+       extract(epoch FROM pg_catalog.now() - a.xact_start)::float8 AS transaction_seconds
+  FROM pg_catalog.pg_locks l
+  LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+ WHERE l.virtualtransaction = ANY ($1::text[])
+ ORDER BY l.virtualtransaction
+
 -- name: ledger_window
 -- One window (ids $2 < id <= $3) of reset rows, aggregated per (source, period)
 -- through the partial index on reset ids, and the consumer's cursor moved to $3:
@@ -34,9 +47,18 @@ SELECT allocated, writers, waiting FROM public.token_reset_listener_horizon($1::
 -- misconfigured with one name must not undo each other's progress).
 -- lag_seconds is the oldest row's age at read time, on the database's clock (row
 -- times are the writing transaction's start).
-WITH saved AS (
+-- The cursor write need not wait for a WAL flush (a crash of this process loses
+-- nothing committed; after a database crash the process keeps its own cursor, see
+-- Ledger.open), and flushing per window tripled the lag under load.  So `local_async`
+-- is SET LOCAL synchronous_commit = off for this statement's own transaction: the
+-- commit obeys the value in effect when it happens.  Not a startup parameter
+-- (PgBouncer refuses those) nor a session SET (a transaction pool would leak it to
+-- other clients).  The INSERT reads it, so it is evaluated before the commit.
+WITH local_async AS (
+    SELECT pg_catalog.set_config('synchronous_commit', 'off', true) AS synchronous_commit
+), saved AS (
     INSERT INTO public.token_reset_listener_cursors AS c (consumer, last_id)
-    VALUES ($1, $3)
+    SELECT $1, $3 FROM local_async
     ON CONFLICT (consumer) DO UPDATE
        SET last_id = greatest(c.last_id, excluded.last_id), updated_at = pg_catalog.now()
 )
@@ -67,5 +89,18 @@ SELECT s.seqcache
  WHERE s.seqrelid = pg_catalog.pg_get_serial_sequence('public.token_transactions', 'id')::regclass
 
 -- name: listener_probe
--- The liveness probe: NOTIFY our own channel; the echo proves both directions work.
+-- The liveness probe, sent from the probe's own connection: the echo has to travel
+-- the path every doorbell takes (another session's NOTIFY reaching our idle LISTEN
+-- session), which a NOTIFY on the LISTEN connection itself never tests (it comes
+-- back inside its own statement, even through a transaction-mode pooler).
 SELECT pg_catalog.pg_notify('token_resets', $1)
+
+-- name: listener_backend_pid
+-- Run in the transaction that LISTENs: the server process that holds the LISTEN.
+SELECT pg_catalog.pg_backend_pid()
+
+-- name: listener_diagnose
+-- A probe went unanswered: which server process answers our statements now, and
+-- does it listen on our channel?
+SELECT pg_catalog.pg_backend_pid() AS backend_pid,
+       'token_resets' = ANY (ARRAY(SELECT pg_catalog.pg_listening_channels())) AS listening

@@ -97,7 +97,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # No pip inside (saves ~10 s of ensurepip): our pip installs into it with --python.
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=60)
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python")]
-    run([*pip, "install", "-q", str(wheel)], timeout=INSTALL_SECONDS)
+    # As the Dockerfile does: the pinned versions the suite runs with.
+    constraints = str(REPO / "constraints.txt")
+    run([*pip, "install", "-q", "-c", constraints, str(wheel)], timeout=INSTALL_SECONDS)
     return venv
 
 

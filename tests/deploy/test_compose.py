@@ -127,14 +127,55 @@ def test_app_commands_are_subcommands() -> None:
 
 
 def test_listener_environment_and_port() -> None:
-    """The listener gets DATABASE_URL, a required CRON_SECRET, and publishes 8080."""
+    """The listener gets DATABASE_URL, a required CRON_SECRET, and publishes 8080 locally."""
     listener = services()["listener"]
     env = listener["environment"]
     assert env["DATABASE_URL"].startswith("postgresql://")
     assert "@postgres:5432/" in env["DATABASE_URL"]
     assert env["CRON_SECRET"].startswith("${CRON_SECRET:?")
-    assert "8080:8080" in listener["ports"]
+    assert "127.0.0.1:8080:8080" in listener["ports"]
     assert "DATABASE_URL" in services()["migrate"]["environment"]
+
+
+def test_listener_name_is_stable() -> None:
+    """A fixed LISTENER_NAME: the container's random host name would make every
+    restart a first start (a new cursor, resets written while down never counted)."""
+    name = services()["listener"]["environment"]["LISTENER_NAME"]
+    assert isinstance(name, str)
+    assert name.strip()
+    assert "$" not in name
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SERVICES))
+def test_published_ports_are_loopback_only(name: str) -> None:
+    """Nothing is published on every interface of the host (the stack has dev passwords)."""
+    for port in services()[name].get("ports", []):
+        published = port if isinstance(port, str) else f"{port.get('host_ip')}:{port}"
+        assert published.startswith("127.0.0.1:"), f"{name}: {port}"
+
+
+def database_user(service: str) -> str:
+    """The user of a service's DATABASE_URL."""
+    url = services()[service]["environment"]["DATABASE_URL"]
+    return str(url.split("://", 1)[1].split(":", 1)[0])
+
+
+def test_app_services_log_in_as_a_member_of_token_reset_app_not_the_superuser() -> None:
+    """migrate and listen use the login role the init script creates, never POSTGRES_USER."""
+    postgres = services()["postgres"]
+    superuser = postgres["environment"]["POSTGRES_USER"]
+    assert database_user("migrate") == database_user("listener") == "token_reset"
+    assert superuser != "token_reset"
+    mounts = dict(bind_sources(postgres))
+    init = mounts["./postgres/init-roles.sh"]
+    assert init.startswith("/docker-entrypoint-initdb.d/")
+    roles = mounts["./postgres/roles.sql"]
+    script = (DEPLOY / "postgres" / "init-roles.sh").read_text(encoding="utf-8")
+    assert roles in script
+    assert "login_role=token_reset" in script
+    sql = (DEPLOY / "postgres" / "roles.sql").read_text(encoding="utf-8")
+    assert "NOSUPERUSER" in sql
+    assert "IN ROLE token_reset_app" in sql
 
 
 def test_prometheus_mounts_config_and_rules_side_by_side() -> None:

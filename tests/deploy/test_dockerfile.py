@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from listener import __version__
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -67,14 +69,78 @@ def test_hadolint_has_no_errors() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_multi_stage_from_python_slim() -> None:
-    """A builder and a runtime stage, both on python:3.12-slim."""
+# An exact Python release on an exact Debian release: a rebuild next month must not
+# silently move to another Python or another distribution.
+PINNED_BASE = re.compile(r"^python:(?P<python>\d+\.\d+\.\d+)-slim-(?P<debian>bookworm|trixie)$")
+
+
+def base_image() -> str:
+    """The PYTHON_IMAGE build argument's default."""
+    (base,) = [
+        args.split("=", 1)[1]
+        for args in args_of("ARG", instructions())
+        if args.startswith("PYTHON_IMAGE=")
+    ]
+    return base
+
+
+def test_multi_stage_from_a_pinned_python_slim() -> None:
+    """A builder and a runtime stage, both on one python:X.Y.Z-slim-<debian> image."""
     items = instructions()
     froms = args_of("FROM", items)
     assert len(froms) >= 2
-    assert any(args == "PYTHON_IMAGE=python:3.12-slim" for args in args_of("ARG", items))
-    assert all(f.split()[0] in {"${PYTHON_IMAGE}", "python:3.12-slim"} for f in froms)
+    assert PINNED_BASE.match(base_image()), base_image()
+    assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms)
     assert froms[0].endswith(" AS builder")
+
+
+def test_the_base_python_is_the_one_the_constraints_were_frozen_with() -> None:
+    """constraints.txt pins what was resolved and tested on one Python; the image runs it."""
+    header = (REPO / "constraints.txt").read_text(encoding="utf-8")
+    match = re.search(r"^# Python (\d+\.\d+\.\d+)", header, re.M)
+    assert match, "constraints.txt does not say which Python it was frozen with"
+    pinned = PINNED_BASE.match(base_image())
+    assert pinned
+    assert pinned.group("python") == match.group(1)
+
+
+def test_the_wheel_and_its_dependencies_install_with_the_constraints() -> None:
+    """Exactly the versions the tests ran with go into the image."""
+    items = instructions()
+    builder = items[: max(i for i, (kw, _) in enumerate(items) if kw == "FROM")]
+    runs = " ".join(args_of("RUN", builder))
+    assert "-c constraints.txt" in runs
+    ignored = DOCKERIGNORE.read_text(encoding="utf-8").split()
+    assert "constraints.txt" not in ignored
+
+
+def test_runtime_stage_has_no_pip() -> None:
+    """The shipped image cannot install anything: no pip in /opt/venv nor in the base."""
+    items = instructions()
+    builder = items[: max(i for i, (kw, _) in enumerate(items) if kw == "FROM")]
+    assert "python -m venv --without-pip /opt/venv" in " ".join(args_of("RUN", builder))
+    runs = " ".join(args_of("RUN", final_stage()))
+    assert "pip uninstall --yes pip" in runs
+
+
+def test_oci_labels() -> None:
+    """Standard OCI annotations: what, which version and revision, licence, base image."""
+    labels = " ".join(args_of("LABEL", final_stage()))
+    found = dict(re.findall(r'(org\.opencontainers\.image\.[a-z.]+)="([^"]*)"', labels))
+    for key in (
+        "title",
+        "description",
+        "version",
+        "revision",
+        "created",
+        "licenses",
+        "base.name",
+    ):
+        assert f"org.opencontainers.image.{key}" in found, key
+    assert found["org.opencontainers.image.licenses"] == "MIT"
+    assert found["org.opencontainers.image.base.name"] == "docker.io/library/${PYTHON_IMAGE}"
+    default_version = [a for a in args_of("ARG", instructions()) if a.startswith("VERSION=")]
+    assert default_version == [f"VERSION={__version__}"]
 
 
 def test_builder_builds_the_wheel_into_a_venv() -> None:
@@ -82,7 +148,7 @@ def test_builder_builds_the_wheel_into_a_venv() -> None:
     items = instructions()
     builder = items[: max(i for i, (kw, _) in enumerate(items) if kw == "FROM")]
     runs = " ".join(args_of("RUN", builder))
-    assert "python -m venv /opt/venv" in runs
+    assert "python -m venv --without-pip /opt/venv" in runs
     assert "pip wheel --no-deps" in runs
 
 

@@ -124,9 +124,46 @@ def test_dashboard_uses_only_contract_metrics() -> None:
 
 
 def test_dashboard_covers_every_contract_metric() -> None:
-    """Every exported metric appears on the dashboard."""
+    """Every token_reset_* metric appears on the dashboard, and the process's memory and CPU."""
     used = {name for expr in exprs() for name in names_in(expr)}
-    assert used >= CONTRACT_METRICS, CONTRACT_METRICS - used
+    ours = {name for name in CONTRACT_METRICS if name.startswith("token_reset_")}
+    assert used >= ours, ours - used
+    assert {"process_resident_memory_bytes", "process_cpu_seconds_total"} <= used
+
+
+# Each replica counts the bulk runs it made (or stepped aside from), never the others':
+# the only series whose replicas add up.
+SUMMED_ACROSS_REPLICAS = {"token_reset_bulk_runs_total"}
+
+
+def test_replicas_are_combined_with_max() -> None:
+    """Every replica reads the whole ledger and hears every doorbell: combine with max.
+
+    A sum would count each reset once per replica (README, Scaling).  Aggregations
+    that keep `instance` show replicas side by side and combine nothing.
+    """
+    offenders = []
+    for expr in exprs():
+        for match in re.finditer(r"\b(sum|avg|min|max|count)\b\s*(by\s*\(([^)]*)\))?", expr):
+            operator, grouping = match.group(1), match.group(3) or ""
+            if "instance" in grouping or operator in {"max", "count"}:
+                continue
+            if operator == "sum" and names_in(expr) <= SUMMED_ACROSS_REPLICAS:
+                continue
+            offenders.append(expr)
+    assert not offenders
+    combined = " ".join(exprs())
+    for needle in (
+        "max by (source) (increase(token_reset_users_total",
+        "max by (outcome) (rate(token_reset_notifications_total",
+        "max by (le) (rate(token_reset_event_lag_seconds_bucket",
+    ):
+        assert needle in combined, needle
+
+
+def test_build_info_shows_the_versions_running() -> None:
+    """One panel tells which release each replica runs."""
+    assert any("by (version)" in e and "token_reset_build_info" in e for e in exprs())
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
+from listener.alertmanager import RUNBOOK_URL
 from listener.metrics import metric_names
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +34,7 @@ EXPECTED_ALERTS = {
     "TokenResetListenerDisconnected": "page",
     "TokenResetListenerAbsent": "page",
     "TokenResetTaskDown": "page",
+    "TokenResetCountingHeldBack": "ticket",
 }
 
 MAX_RANGE_SECONDS = 15 * 86400
@@ -149,19 +151,61 @@ def test_required_alerts_and_severities() -> None:
     assert found == EXPECTED_ALERTS
 
 
+def runbook_base() -> str:
+    """The one runbook base URL, as documented in rules.yml's header."""
+    match = re.search(r"^# Runbook base URL: (\S+)$", RULES.read_text(encoding="utf-8"), re.M)
+    assert match, "rules.yml does not document its runbook base URL"
+    return match.group(1)
+
+
+def test_runbook_base_is_absolute_and_documented() -> None:
+    """An absolute https URL (a pager shows it as a link), named in deploy/README.md too."""
+    base = runbook_base()
+    assert base.startswith("https://")
+    assert "#" not in base
+    assert base in RUNBOOK.read_text(encoding="utf-8")
+
+
+def test_the_listeners_own_alert_uses_the_same_runbook_base() -> None:
+    """The watchdog's direct Alertmanager push links the same runbook as the rule."""
+    assert f"{runbook_base()}#tokenresetmissedmonth" == RUNBOOK_URL
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED_ALERTS))
 def test_alert_has_for_annotations_and_runbook(name: str) -> None:
-    """Each alert has a `for:`, summary, description and a runbook anchor that exists."""
+    """Each alert has a `for:`, summary, description and base#anchor, an anchor that exists."""
     rule = alerts()[name]
     assert duration_seconds(rule["for"]) >= 60
     annotations = rule["annotations"]
     assert annotations["summary"].strip()
     assert annotations["description"].strip()
     url = annotations["runbook_url"]
-    assert url == f"deploy/README.md#{name.lower()}"
+    assert url == f"{runbook_base()}#{name.lower()}"
     headings = re.findall(r"^#+\s+(.+?)\s*$", RUNBOOK.read_text(encoding="utf-8"), re.M)
     anchors = {re.sub(r"[^a-z0-9 _-]", "", h.lower()).replace(" ", "-") for h in headings}
     assert name.lower() in anchors, f"deploy/README.md has no heading for {name}"
+
+
+# Alerts about the month: their description names the period (YYYY-MM, UTC).
+MONTH_ALERTS = {"TokenResetMissedMonth", "TokenResetStaleUsers", "TokenResetBulkBackupFailing"}
+_PERIOD = '{{ with query "time()" }}{{ (. | first | value | toTime).Format "2006-01" }}{{ end }}'
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ALERTS))
+def test_alert_description_carries_period_and_counts(name: str) -> None:
+    """The page says which month, how long, and how many: a count from $value or a query."""
+    description = " ".join(alerts()[name]["annotations"]["description"].split())
+    assert "$value" in description or "| query" in description or "with query" in description
+    assert "minutes" in description  # how long the condition has held
+    if name in MONTH_ALERTS:
+        assert description.startswith(f"Period {_PERIOD}:"), description
+
+
+def test_every_recording_rule_is_used_by_the_dashboard() -> None:
+    """A recording rule nothing reads is only load; the dashboard is its only reader."""
+    dashboard = (REPO / "deploy" / "grafana" / "token-reset.json").read_text(encoding="utf-8")
+    unused = [r["record"] for r in rules() if "record" in r and r["record"] not in dashboard]
+    assert not unused
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_ALERTS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from listener import __version__
 from listener.metrics import (
     BULK_OUTCOMES,
     LAG_BUCKETS,
@@ -26,13 +27,25 @@ CONTRACT = {
     "token_reset_missed_month": ("gauge", set()),
     "token_reset_notifications_total": ("counter", {"outcome"}),
     "token_reset_listener_connected": ("gauge", set()),
+    "token_reset_listener_pooled_connection": ("gauge", set()),
     "token_reset_reconnects_total": ("counter", set()),
+    "token_reset_ledger_held_back_seconds": ("gauge", set()),
     "token_reset_event_lag_seconds": ("histogram", set()),
     "token_reset_bulk_runs_total": ("counter", {"outcome"}),
     "token_reset_bulk_last_success_timestamp_seconds": ("gauge", set()),
     "token_reset_task_up": ("gauge", {"task"}),
     "token_reset_admin_unauthorized_total": ("counter", set()),
     "token_reset_notices_total": ("counter", {"outcome"}),
+    "token_reset_build_info": ("gauge", {"version"}),
+}
+# prometheus_client's ProcessCollector (Linux /proc), on the service's registry.
+PROCESS_METRICS = {
+    "process_cpu_seconds_total",
+    "process_resident_memory_bytes",
+    "process_virtual_memory_bytes",
+    "process_start_time_seconds",
+    "process_open_fds",
+    "process_max_fds",
 }
 # Labels whose values could be a person: none may ever exist.
 FORBIDDEN_LABELS = {"user", "user_id", "uid", "email", "account", "customer", "id"}
@@ -60,14 +73,37 @@ def scraped_families(metrics: Metrics) -> dict[str, tuple[str, set[str]]]:
     return families
 
 
+def token_reset_families(metrics: Metrics) -> dict[str, tuple[str, set[str]]]:
+    """The service's own families (the process_* ones are prometheus_client's standard)."""
+    return {
+        name: family
+        for name, family in scraped_families(metrics).items()
+        if name.startswith("token_reset_")
+    }
+
+
 def test_names_types_and_labels_match_the_contract() -> None:
     """Exactly the contract's metrics, with its types and label names, nothing else."""
-    assert scraped_families(Metrics.fresh()) == CONTRACT
+    assert token_reset_families(Metrics.fresh()) == CONTRACT
 
 
 def test_metric_names_helper_agrees_with_the_contract() -> None:
     """metric_names(), used by dashboard and rule tests, lists the same names."""
-    assert metric_names() == frozenset(CONTRACT)
+    assert metric_names() == frozenset(CONTRACT) | PROCESS_METRICS
+
+
+def test_process_metrics_are_on_the_service_registry() -> None:
+    """/metrics carries process_* (CPU, memory, fds, start time) from its own registry."""
+    families = scraped_families(Metrics.fresh())
+    assert set(families) >= PROCESS_METRICS
+    text = generate_latest(Metrics.fresh().registry).decode()
+    assert "process_resident_memory_bytes " in text
+
+
+def test_build_info_carries_the_version() -> None:
+    """token_reset_build_info{version} 1: which release each replica runs."""
+    registry = Metrics.fresh().registry
+    assert registry.get_sample_value("token_reset_build_info", {"version": __version__}) == 1
 
 
 def test_no_label_can_carry_a_user_id() -> None:
