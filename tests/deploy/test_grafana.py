@@ -133,7 +133,8 @@ def test_dashboard_covers_every_contract_metric() -> None:
 
 # Each replica counts the bulk runs it made (or stepped aside from), never the others':
 # the only series whose replicas add up.
-SUMMED_ACROSS_REPLICAS = {"token_reset_bulk_runs_total"}
+# Counted once, by the one replica that did it: a bulk run, a rollover notice sent.
+SUMMED_ACROSS_REPLICAS = {"token_reset_bulk_runs_total", "token_reset_notices_total"}
 
 
 def test_replicas_are_combined_with_max() -> None:

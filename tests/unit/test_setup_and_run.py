@@ -80,6 +80,9 @@ def test_the_script_installs_the_packages_the_suite_needs() -> None:
         "prometheus-alertmanager",
         "pgbouncer",
         "postgresql-15-cron",
+        # The pg_cron test's cluster, and the reference scan's file list.
+        "postgresql-15",
+        "git",
     }
     text = SCRIPT.read_text(encoding="utf-8")
     assert "DEBIAN_FRONTEND=noninteractive" in text
