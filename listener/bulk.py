@@ -191,10 +191,12 @@ class _Run:
             try:
                 other = await _recorded_holder(lock)
             except BulkLockSquatted as exc:
-                # Recorded as a failed run: status, the gauges and the alerts see it.
+                # Recorded as a failed run (committed with the lock connection's open
+                # transaction): status, the gauges and the alerts see it.
                 await lock.execute(
                     query("bulk_run_refused"), self.run_id, self.source, self.slot, str(exc)
                 )
+                await locking.release()
                 raise
             return await self.skip(lock, "already_running", other)
         # The run row names the lock's backend: a caller that finds the lock taken

@@ -137,4 +137,4 @@ async def test_migrate_listen_reset_and_status_run_as_that_role(
         await conn.close()
     assert json.loads(out)["reset_count"] == 4
     assert truth == {"trigger": 2, "function": 0, "bulk": 4}
-    assert json.loads(status)["users_carrying_last_period_usage"] == 0
+    assert json.loads(status)["stale_users"] == 0

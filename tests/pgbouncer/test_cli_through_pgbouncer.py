@@ -96,7 +96,7 @@ async def test_reset_and_status_commands_work_through_pgbouncer(
         assert code == 0, err
         second = json.loads(out)
     assert (first["reset_count"], first["batches"]) == (41, 9)
-    assert status["users_carrying_last_period_usage"] == 0
+    assert status["stale_users"] == 0
     assert status["period_resets"] == 41
     assert status["last_bulk_run"]["outcome"] == "success"
     assert status["last_bulk_run"]["reset_count"] == 41
