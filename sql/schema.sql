@@ -675,6 +675,22 @@ BEGIN
 END
 $function$;
 
+CREATE OR REPLACE FUNCTION public.token_reset_bulk_batch(p_after uuid, p_limit integer, p_source text, OUT last_key uuid, OUT reset_count integer)
+ RETURNS record
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF p_source IS DISTINCT FROM 'bulk' THEN
+        RAISE EXCEPTION 'the bulk source is ''bulk'', got %', p_source
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT b.last_key, b.reset_count INTO last_key, reset_count
+      FROM public.token_reset_bulk_batch(p_after, p_limit) b;
+END
+$function$;
+
 CREATE OR REPLACE PROCEDURE public.token_reset_bulk_committing(IN p_batch_size integer DEFAULT 10000)
  LANGUAGE plpgsql
 AS $procedure$
@@ -731,6 +747,21 @@ BEGIN
         RETURN 0;
     END IF;
     RETURN (public.token_reset_clear(v_ids, v_used, 'bulk')).reset_count;
+END
+$function$;
+
+CREATE OR REPLACE FUNCTION public.token_reset_bulk_final_pass(p_source text)
+ RETURNS integer
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF p_source IS DISTINCT FROM 'bulk' THEN
+        RAISE EXCEPTION 'the bulk source is ''bulk'', got %', p_source
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN public.token_reset_bulk_final_pass();
 END
 $function$;
 
@@ -1253,8 +1284,10 @@ CREATE TRIGGER user_tokens_reset_on_write BEFORE UPDATE ON user_tokens FOR EACH 
 -- token_reset_app | table | public.user_tokens_with_auto_reset | SELECT
 -- token_reset_listener | routine | public.reset_monthly_tokens_for_all_users() | EXECUTE
 -- token_reset_listener | routine | public.token_reset_bulk_batch(uuid, integer) | EXECUTE
+-- token_reset_listener | routine | public.token_reset_bulk_batch(uuid, integer, text) | EXECUTE
 -- token_reset_listener | routine | public.token_reset_bulk_committing(integer) | EXECUTE
 -- token_reset_listener | routine | public.token_reset_bulk_final_pass() | EXECUTE
+-- token_reset_listener | routine | public.token_reset_bulk_final_pass(text) | EXECUTE
 -- token_reset_listener | routine | public.token_reset_bulk_pending() | EXECUTE
 -- token_reset_listener | routine | public.token_reset_compact_counters() | EXECUTE
 -- token_reset_listener | routine | public.token_reset_ensure_partitions(integer) | EXECUTE

@@ -63,6 +63,9 @@ DECLARED_ROUTINES: dict[str, set[str]] = {
     "token_reset_listener_horizon(text[])": {LISTENER},
     "token_reset_bulk_batch(uuid,integer)": {LISTENER},
     "token_reset_bulk_final_pass()": {LISTENER},
+    # The previous release's signatures, for replicas still running it mid-deploy.
+    "token_reset_bulk_batch(uuid,integer,text)": {LISTENER},
+    "token_reset_bulk_final_pass(text)": {LISTENER},
     "token_reset_bulk_pending()": {LISTENER},
     "token_reset_bulk_committing(integer)": {LISTENER},
     "token_reset_sql_run_source(text)": {LISTENER},
@@ -421,6 +424,11 @@ DEFINER_CALLS: dict[str, tuple[str, str]] = {
         "SELECT * FROM token_reset_bulk_batch(NULL, 2)",
     ),
     "token_reset_bulk_final_pass()": (LISTENER, "SELECT token_reset_bulk_final_pass()"),
+    "token_reset_bulk_batch(uuid,integer,text)": (
+        LISTENER,
+        "SELECT * FROM token_reset_bulk_batch(NULL, 2, 'bulk')",
+    ),
+    "token_reset_bulk_final_pass(text)": (LISTENER, "SELECT token_reset_bulk_final_pass('bulk')"),
     "token_reset_bulk_pending()": (LISTENER, "SELECT token_reset_bulk_pending()"),
     # Reached through the calls above (deduct_tokens, the bulk functions, UPDATEs).
     "token_reset_one_user(uuid,text)": (APP, "SELECT reset_user_tokens_if_needed($1)"),
