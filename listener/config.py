@@ -112,7 +112,7 @@ class Settings:
             ),
             notice_urls=_notice_urls(env),
             notice_retry_seconds=read("NOTICE_RETRY_SECONDS", seconds, 30.0),
-            libpq_configured=any(env.get(k) for k in ("PGHOST", "PGSERVICE", "PGDATABASE")),
+            libpq_configured=_libpq_configured(env),
             listener_name=read("LISTENER_NAME", listener_name, socket.gethostname()),
         )
 
@@ -218,6 +218,15 @@ def database_url(value: str, name: str = "DATABASE_URL") -> str:
 def http_port(value: str | int, name: str = "HTTP_PORT") -> int:
     """0-65535; 0 lets the kernel pick a free port."""
     return _integer(value, name, low=0, high=65535)
+
+
+def _libpq_configured(env: Mapping[str, str]) -> bool:
+    """True when libpq's variables say where the database is; a bad PGPORT is refused
+    now (exit 2, one line), not retried for ever by `listen`."""
+    port = env.get("PGPORT", "").strip()
+    if port:
+        _integer(port, "PGPORT", low=1, high=65535)
+    return any(env.get(k) for k in ("PGHOST", "PGSERVICE", "PGDATABASE"))
 
 
 def batch_size(value: str | int, name: str = "BULK_BATCH_SIZE") -> int:

@@ -289,8 +289,8 @@ class Demo:
         conn = await connect(self._at(dsn), role="demo-app")
         try:
             for write in population.traffic:
-                name = "demo_deduct" if write.via == "function" else "demo_app_write"
-                await conn.execute(query(name), write.user_id, write.amount)
+                sql = query("demo_deduct") if write.via == "function" else query("demo_app_write")
+                await conn.execute(sql, write.user_id, write.amount)
                 await anyio.sleep(pause)  # pacing the simulated traffic, not a wait
         except (OSError, asyncpg.PostgresError) as exc:
             raise DemoError(f"application traffic failed: {exc}") from exc

@@ -25,15 +25,6 @@ SET LOCAL idle_in_transaction_session_timeout = 0
 -- refuses those) nor a session SET (a transaction pool would leak it to others).
 SET LOCAL lock_timeout = '60s'
 
--- name: bulk_running_run
--- The run holding the lock, for a caller that found it taken (NULL in the instant
--- between the holder's lock and its INSERT).
-SELECT run_id, started_at, source
-  FROM public.token_reset_bulk_runs
- WHERE outcome = 'running'
- ORDER BY started_at DESC
- LIMIT 1
-
 -- name: bulk_abandon_running
 -- Only called while holding the lock: a row still 'running' whose backend is gone
 -- belongs to a process that died mid-run (a runner's lock went with its connection).

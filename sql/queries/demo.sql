@@ -32,8 +32,9 @@ SELECT u.user_id,
 SELECT public.deduct_tokens($1, $2, 'demo_chat')
 
 -- name: demo_app_write
--- An application that writes the row directly: the BEFORE UPDATE trigger resets a
--- stale row first (ledger source 'trigger'), so the result is $2 used, not old + $2.
+-- The owner writing the row directly (a data fix; the application role may not): the
+-- BEFORE UPDATE trigger resets a stale row first (ledger source 'trigger'), so the
+-- result is $2 used, not old + $2.
 UPDATE public.user_tokens
    SET monthly_tokens_used = monthly_tokens_used + $2, updated_at = pg_catalog.now()
  WHERE user_id = $1

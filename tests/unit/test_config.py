@@ -211,3 +211,12 @@ def test_repr_redacts_every_credential() -> None:
             assert secret[start : start + 8] not in text
     assert str(settings) == text
     assert "cron_secret=None" in repr(Settings())
+
+
+@pytest.mark.parametrize("port", ["99999", "0", "five", "-1"])
+def test_a_bad_pgport_is_a_configuration_error_not_a_reconnect_loop(port: str) -> None:
+    """With no DATABASE_URL, libpq's PGPORT is where listen would connect: checked at
+    start like DATABASE_URL's port, naming the variable."""
+    with pytest.raises(ConfigError, match="PGPORT"):
+        Settings.from_env({"PGHOST": "127.0.0.1", "PGPORT": port})
+    assert Settings.from_env({"PGHOST": "127.0.0.1", "PGPORT": "5433"}).database_configured
