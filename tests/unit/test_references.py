@@ -32,6 +32,13 @@ NOT_FILES = {
     "script.sql": "the pgbench script bench/listener_lag.py writes at run time",
     "migration.sql": "attribute access (Migration.sql) in listener/migrate.py",
     "self.sql": "attribute access in listener/sql.py",
+    # Files tests/unit/test_sql_loader.py writes under its tmp_path.
+    "0001_a.sql": "a loader test's temporary migration",
+    "0002_b.sql": "a loader test's temporary migration",
+    "0003_c.sql": "a loader test's temporary migration",
+    "0002_twin.sql": "a loader test's temporary migration",
+    "a.sql": "a loader test's temporary query file",
+    "b.sql": "a loader test's temporary query file",
 }
 # (file, reference) pairs allowed to stay, each with its reason.
 PENDING = {
