@@ -38,7 +38,7 @@ from listener.connection import (
     ProbeResult,
 )
 from listener.database import DEFAULT_CONNECT_TIMEOUT_SECONDS
-from listener.http import create_app, run_http
+from listener.http_app import create_app, run_http
 from listener.ledger import CatchUp, Ledger
 from listener.metrics import Metrics
 from listener.notices import Notifier
