@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import anyio
 import httpx
 import structlog
 
-if TYPE_CHECKING:
-    from listener.watchdog import Assessment
+from listener.assessment import Assessment
 
 ALERT_NAME: Final = "TokenResetMissedMonth"
 ALERT_LABELS: Final = {"alertname": ALERT_NAME, "severity": "page", "service": "token-reset"}

@@ -17,11 +17,12 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from listener.assessment import Assessment
 from listener.bulk import run_bulk_reset
 from listener.clock import utc_now
 from listener.config import Settings
 from listener.metrics import Metrics
-from listener.watchdog import Assessment, Watchdog, run_watchdog
+from listener.watchdog import Watchdog, run_watchdog
 from tests.database import TestServer
 
 pytestmark = pytest.mark.anyio
