@@ -43,7 +43,7 @@ _COMMANDS = {
     "reset": "listener.bulk_command",
     "status": "listener.status",
     "notify": "listener.notices",
-    "demo": "listener.demo",
+    "demo": "listener.demo.run",
 }
 # Commands that refuse to run without a configured database (no silent fallback).
 _NEEDS_DATABASE = {"listen", "migrate", "reset", "status"}

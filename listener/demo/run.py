@@ -42,8 +42,8 @@ from anyio.abc import TaskStatus
 from listener.admin_api import RESET_PATH
 from listener.config import MIN_CRON_SECRET_LENGTH, Settings
 from listener.database import connect
-from listener.demo_scrape import Reading, Timeline, WaitTimeout, demo_client, describe, http
-from listener.demo_story import Population, plan_population, summary_lines
+from listener.demo.scrape import Reading, Timeline, WaitTimeout, demo_client, describe, http
+from listener.demo.story import Population, plan_population, summary_lines
 from listener.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,

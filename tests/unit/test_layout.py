@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "listener"
 
 
 def module_name(path: Path) -> str:
-    """listener/commands/listen.py -> listener.commands.listen (a package is its __init__)."""
+    """listener/demo/run.py -> listener.demo.run (a package is its __init__)."""
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
