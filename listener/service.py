@@ -16,7 +16,6 @@ A database that is down at start is retried forever with backoff (/readyz says
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import signal
 from collections.abc import Awaitable, Callable
@@ -375,8 +374,3 @@ def _log_unexpected(exc: Exception) -> None:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def command(settings: Settings, args: argparse.Namespace) -> int:
-    """`token-reset listen`: serve until SIGTERM/SIGINT; 0 on an orderly stop."""
-    return await Service(settings).run()

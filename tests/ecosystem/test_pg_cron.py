@@ -17,10 +17,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from listener.commands.status import gather_status
 from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
 from listener.sql import query
-from listener.status import gather_status
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]

@@ -1,17 +1,22 @@
-"""The package's layout: its modules import one another without cycles."""
+"""The package's layout: one module per command, loaded lazily, and no import cycle."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+
+from listener.cli import COMMANDS, build_parser
 
 PACKAGE = Path(__file__).resolve().parents[2] / "listener"
 
 
 def module_name(path: Path) -> str:
-    """listener/demo/run.py -> listener.demo.run (a package is its __init__)."""
+    """listener/commands/listen.py -> listener.commands.listen (a package is its __init__)."""
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
@@ -78,3 +83,36 @@ def test_the_package_has_no_import_cycle() -> None:
 def test_module_does_not_import(module: str, forbidden: str) -> None:
     """The judgement lives in listener.assessment: the push does not reach into the watchdog."""
     assert forbidden not in import_graph()[module]
+
+
+def modules_loaded_by(statement: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running `statement`."""
+    code = f"{statement}; import json, sys; print(json.dumps(sorted(sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    return set(json.loads(done.stdout))
+
+
+def test_importing_the_cli_loads_no_command() -> None:
+    """`import listener.cli` loads no command module, no service and no HTTP server."""
+    loaded = modules_loaded_by("import listener.cli")
+    heavy = {"listener.service", "listener.http_app", "hypercorn", "starlette", "apprise"}
+    assert not loaded & heavy
+    assert not {name for name in loaded if name.startswith(("listener.commands.", "listener.demo"))}
+
+
+def test_every_verb_is_a_module_of_its_own() -> None:
+    """Each verb of the table names listener/commands/<verb>.py, and the parser knows it."""
+    files = {path.stem for path in (PACKAGE / "commands").glob("*.py")} - {"__init__"}
+    assert set(COMMANDS) == files
+    for verb in COMMANDS:
+        required = ["--test"] if verb == "notify" else []
+        assert build_parser().parse_args([verb, *required]).command == verb
+
+
+@pytest.mark.parametrize("verb", sorted(COMMANDS))
+def test_a_command_module_loads_alone(verb: str) -> None:
+    """Each command module imports on its own in a fresh interpreter (no cycle at import)."""
+    loaded = modules_loaded_by(f"import {COMMANDS[verb].module(verb)}")
+    assert COMMANDS[verb].module(verb) in loaded
