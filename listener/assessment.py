@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from listener.clock import iso
+
 if TYPE_CHECKING:
     import asyncpg
 
@@ -41,9 +43,9 @@ class Snapshot:
                 "period_label": self.period_label,
                 "stale_users": self.stale_users,
                 "month_resets": self.month_resets,
-                "last_reset_at": _iso(self.last_reset_at),
+                "last_reset_at": iso(self.last_reset_at),
                 "previous_period_had_usage": self.previous_period_had_usage,
-                "last_bulk_success_at": _iso(self.last_bulk_success_at),
+                "last_bulk_success_at": iso(self.last_bulk_success_at),
             }
         )
 
@@ -106,7 +108,3 @@ def assess(snapshot: Snapshot, now: datetime, grace: float) -> Assessment:
         grace_seconds=grace,
         reasons=tuple(reasons),
     )
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None

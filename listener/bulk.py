@@ -33,6 +33,7 @@ import asyncpg
 import structlog
 from asyncpg.transaction import Transaction
 
+from listener.clock import iso
 from listener.config import Settings
 from listener.connection import Backoff, enable_keepalive
 from listener.database import ConnectTimeout, connect
@@ -361,7 +362,7 @@ async def run_bulk_reset(
         raise ValueError(f"batch size must be positive, got {size}")
     run = _Run(settings, source, size, slot, on_batch)
     bound = log.bind(run_id=str(run.run_id), source=source)
-    bound.info("bulk_reset_started", batch_size=size, slot=_iso(slot))
+    bound.info("bulk_reset_started", batch_size=size, slot=iso(slot))
     locking = _Connections(settings)
     try:
         # The kernel notices a dead peer (keepalive on both connections); the deadline
@@ -483,7 +484,3 @@ def _describe(exc: BaseException) -> str:
 def _count(metrics: Metrics | None, outcome: str) -> None:
     if metrics is not None:
         metrics.bulk_runs.labels(outcome=outcome).inc()
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()

@@ -40,7 +40,7 @@ import anyio
 import asyncpg
 import structlog
 
-from listener.clock import Clock, utc_now
+from listener.clock import Clock, iso, utc_now
 from listener.config import Settings
 from listener.database import connect
 from listener.destinations import (
@@ -110,7 +110,7 @@ class Facts:
                 "observed_at": self.observed_at.isoformat(),
                 "stale_users": self.stale_users,
                 "resets_by_source": self.resets_by_source,
-                "last_reset_at": _iso(self.last_reset_at),
+                "last_reset_at": iso(self.last_reset_at),
                 "bulk_runs": self.bulk_runs,
                 "bulk_batches": self.bulk_batches,
                 "seconds_into_period": self.seconds_into_period,
@@ -171,10 +171,6 @@ def duration(seconds: float) -> str:
     if minutes:
         return f"{minutes} min {secs} s"
     return f"{secs} s"
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
 
 
 def _utc(moment: datetime) -> str:

@@ -20,7 +20,7 @@ import structlog
 
 from listener.alertmanager import AlertmanagerPusher
 from listener.assessment import Assessment, Snapshot, assess
-from listener.clock import Clock, utc_now
+from listener.clock import Clock, iso, utc_now
 from listener.config import Settings
 from listener.database import connect
 from listener.metrics import Metrics
@@ -57,7 +57,7 @@ class AlertTracker:
                 seconds_into_period=round(assessment.seconds_into_period, 1),
                 grace_seconds=assessment.grace_seconds,
                 previous_period_had_usage=snapshot.previous_period_had_usage,
-                last_reset_at=_iso(snapshot.last_reset_at),
+                last_reset_at=iso(snapshot.last_reset_at),
             )
             return "raised"
         if not assessment.missed and self.active:
@@ -239,10 +239,6 @@ class Watchdog:
         if self._conn is not None:
             self._conn.terminate()
             self._conn = None
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 async def run_watchdog(settings: Settings, metrics: Metrics, *, clock: Clock = utc_now) -> None:
