@@ -376,7 +376,7 @@ async def run_bulk_reset(
         bound.warning("bulk_reset_finished", **run.fields(), outcome="failure", error="cancelled")
         raise
     except Exception as exc:
-        message = _describe(exc)
+        message = _failure_cause(exc)
         with anyio.CancelScope(shield=True):
             await run.after_failure(locking, message)
         _count(metrics, "failure")
@@ -463,7 +463,7 @@ class _Connections:
                 conn.terminate()
 
 
-def _describe(exc: BaseException) -> str:
+def _failure_cause(exc: BaseException) -> str:
     """A one-line cause for logs, the run row, the CLI and the HTTP body (no stack, no DSN)."""
     if isinstance(exc, ConnectTimeout):
         text = str(exc)  # host:port and the timeout

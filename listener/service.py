@@ -43,7 +43,7 @@ from listener.metrics import Metrics
 from listener.notices import Notifier
 from listener.processor import Fail, Processor
 from listener.schedule import Scheduler, run_schedule
-from listener.supervisor import Startable, Supervisor, started_at_once
+from listener.supervisor import Startable, Supervisor, describe_error, started_at_once
 from listener.watchdog import Watchdog
 
 log = structlog.get_logger("listener.service")
@@ -230,7 +230,7 @@ class Service:
             )
         except Exception as exc:
             _log_unexpected(exc)
-            return False, type(exc).__name__, _describe(exc)
+            return False, type(exc).__name__, describe_error(exc)
         failure: list[tuple[str, str]] = []
         connected = False
         try:
@@ -253,7 +253,7 @@ class Service:
                 group.start_soon(_supervised, processor.run, listen, fail)
         except Exception as exc:
             _log_unexpected(exc)
-            failure.append((type(exc).__name__, _describe(exc)))
+            failure.append((type(exc).__name__, describe_error(exc)))
         finally:
             kind, reason = failure[0] if failure else ("Shutdown", "shutting down")
             await self._disconnected(listen, connected, reason)
@@ -362,15 +362,10 @@ async def _supervised(
         await task(listen, fail)
     except Exception as exc:
         _log_unexpected(exc)
-        fail(type(exc).__name__, _describe(exc))
+        fail(type(exc).__name__, describe_error(exc))
 
 
 def _log_unexpected(exc: Exception) -> None:
     """Connection trouble is routine (the reconnect logs it); anything else is a bug."""
     if not isinstance(exc, SESSION_ERRORS):
         log.error("listener_task_failed", exc_info=exc)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
