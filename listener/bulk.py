@@ -54,7 +54,7 @@ RETRY_CAP_SECONDS = 2.0
 HOLDER_GRACE_SECONDS = 2.0
 HOLDER_POLL_SECONDS = 0.05
 
-log = structlog.get_logger("listener.bulk")
+log = structlog.get_logger(__name__)
 
 
 class BulkResetError(RuntimeError):

@@ -21,7 +21,7 @@ import structlog
 from listener.config import DEFAULT_MIGRATE_LOCK_TIMEOUT_SECONDS
 from listener.sql import Migration, migrations, query
 
-log = structlog.get_logger("listener.migrate")
+log = structlog.get_logger(__name__)
 
 # The first migration whose settings and privileges are derived by functions of its own,
 # and the first with a partitioned ledger.

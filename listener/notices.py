@@ -62,7 +62,7 @@ RETRY_CAP_SECONDS: Final = 3600.0
 DB_TIMEOUT_SECONDS: Final = 10.0
 SOURCES: Final = ("bulk", "trigger", "function")
 
-log = structlog.get_logger("listener.notices")
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)

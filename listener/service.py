@@ -46,7 +46,7 @@ from listener.schedule import Scheduler, run_schedule
 from listener.supervisor import Startable, Supervisor, describe_error, started_at_once
 from listener.watchdog import Watchdog
 
-log = structlog.get_logger("listener.service")
+log = structlog.get_logger(__name__)
 
 # While reconnecting, log the 1st attempt, every Nth, and whenever the error changes.
 RECONNECT_LOG_EVERY = 10

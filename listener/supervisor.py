@@ -34,7 +34,7 @@ from anyio.abc import TaskStatus
 from listener.connection import Backoff
 from listener.metrics import Metrics, TaskName
 
-log = structlog.get_logger("listener.supervisor")
+log = structlog.get_logger(__name__)
 
 # A start that lived this long was healthy: the next failure backs off from the start.
 STABLE_SECONDS: Final = 60.0

@@ -26,6 +26,8 @@ from listener.database import connect
 from listener.metrics import Metrics
 from listener.sql import query
 
+log = structlog.get_logger(__name__)
+
 Transition = Literal["raised", "cleared"]
 # A check that takes longer than this is treated like an unreachable database.
 DB_TIMEOUT_SECONDS: Final = 10.0
@@ -39,15 +41,13 @@ class AlertTracker:
     def __init__(self) -> None:
         self.active = False
         self.raised_at: datetime | None = None
-        # One logger per tracker, bound when first used (tests capture it).
-        self._log = structlog.get_logger(__name__)
 
     def observe(self, assessment: Assessment, now: datetime) -> Transition | None:
         """Feed one assessment; returns the transition it caused, if any."""
         snapshot = assessment.snapshot
         if assessment.missed and not self.active:
             self.active, self.raised_at = True, now
-            self._log.error(
+            log.error(
                 "missed_reset_alert_raised",
                 reasons=list(assessment.reasons),
                 stale_users=snapshot.stale_users,
@@ -63,7 +63,7 @@ class AlertTracker:
         if not assessment.missed and self.active:
             raised_at = self.raised_at or now
             self.active, self.raised_at = False, None
-            self._log.info(
+            log.info(
                 "missed_reset_alert_cleared",
                 stale_users=snapshot.stale_users,
                 month_resets=snapshot.month_resets,
@@ -132,7 +132,6 @@ class Watchdog:
             pusher = AlertmanagerPusher(settings.alertmanager_url)
         self.pusher = pusher
         self._conn: asyncpg.Connection | None = None
-        self._log = structlog.get_logger(__name__)
 
     async def run(self) -> None:
         """Runs until cancelled; the Alertmanager pusher (if any) is its own task."""
@@ -148,7 +147,7 @@ class Watchdog:
         can die and be restarted without the other; the alert state lives on `self`
         and survives a restart (a restart neither re-raises nor forgets the alert).
         """
-        self._log.info(
+        log.info(
             "watchdog_started",
             interval_seconds=self.settings.watchdog_interval_seconds,
             grace_seconds=self.settings.reset_grace_seconds,
@@ -173,20 +172,20 @@ class Watchdog:
             self._drop_connection()
             if self.db_available:
                 self.db_available = False
-                self._log.warning(
+                log.warning(
                     "watchdog_db_unavailable", error=str(exc), error_type=type(exc).__name__
                 )
             self._push(self.clock())  # keep a raised alert alive in Alertmanager
             return None
         if not self.db_available:
             self.db_available = True
-            self._log.info("watchdog_db_recovered")
+            log.info("watchdog_db_recovered")
         now = self.clock()
         assessment = assess(snapshot, now, self.settings.reset_grace_seconds)
         self._export(assessment)
         self.last = assessment
         transition = self.tracker.observe(assessment, now)
-        self._log.debug(
+        log.debug(
             "watchdog_checked",
             missed=assessment.missed,
             stale_users=snapshot.stale_users,

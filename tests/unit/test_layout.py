@@ -116,3 +116,22 @@ def test_a_command_module_loads_alone(verb: str) -> None:
     """Each command module imports on its own in a fresh interpreter (no cycle at import)."""
     loaded = modules_loaded_by(f"import {COMMANDS[verb].module(verb)}")
     assert COMMANDS[verb].module(verb) in loaded
+
+
+# Modules that moved keep the logger name their events always carried.
+KEPT_LOGGER_NAMES = {"listener.processor": "listener.service", "listener.http_app": "listener.http"}
+
+
+def test_every_module_logs_under_its_own_name() -> None:
+    """One logger style: a module-level structlog.get_logger(__name__), or the name kept."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = module_name(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (isinstance(node, ast.Call) and ast.unparse(node.func).endswith("get_logger")):
+                continue
+            assert ast.unparse(node.func) == "structlog.get_logger", (module, ast.unparse(node))
+            (argument,) = node.args
+            if module in KEPT_LOGGER_NAMES:
+                assert ast.literal_eval(argument) == KEPT_LOGGER_NAMES[module]
+            else:
+                assert ast.unparse(argument) == "__name__", (module, ast.unparse(node))
