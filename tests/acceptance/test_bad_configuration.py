@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.leaks import assert_no_secret, distinctive_secret
+from tests.support.leaks import assert_no_secret, distinctive_secret
 
 pytestmark = pytest.mark.acceptance
 

@@ -18,7 +18,7 @@ import anyio.abc
 import pytest
 
 from listener.database import DEFAULT_CONNECT_TIMEOUT_SECONDS
-from tests.leaks import assert_no_secret, distinctive_secret
+from tests.support.leaks import assert_no_secret, distinctive_secret
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 

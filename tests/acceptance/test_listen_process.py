@@ -26,7 +26,7 @@ from tests.integration.listener_support import (
     reset_by_bulk,
     reset_by_trigger,
 )
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 

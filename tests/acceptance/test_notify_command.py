@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from listener.embedded import free_port
-from tests.notice_support import JSON_PATH, MATTERMOST_PATH, accepted, leaked, notice_urls
-from tests.recording_server import RecordingServer
+from tests.support.notices import JSON_PATH, MATTERMOST_PATH, accepted, leaked, notice_urls
+from tests.support.recording_server import RecordingServer
 
 pytestmark = pytest.mark.acceptance
 

@@ -34,7 +34,7 @@ from tests.e2e.processes import (
     wait_for_log_event,
     wait_until_ready,
 )
-from tests.recording_server import Received, RecordingServer
+from tests.support.recording_server import Received, RecordingServer
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]
 

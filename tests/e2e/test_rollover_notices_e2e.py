@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.processes import Process
 from tests.integration.bulk_support import settings_for
-from tests.notice_support import (
+from tests.support.notices import (
     JSON_PATH,
     MATTERMOST_PATH,
     accepted,
@@ -29,8 +29,8 @@ from tests.notice_support import (
     start_rollover,
     text_of,
 )
-from tests.recording_server import RecordingServer
-from tests.waiting import wait_until
+from tests.support.recording_server import RecordingServer
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 

@@ -21,7 +21,7 @@ from listener.commands.status import gather_status
 from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
 from listener.sql import query
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 

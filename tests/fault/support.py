@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from listener.metrics import NOTIFICATION_OUTCOMES, RESET_SOURCES
 from tests.integration.listener_support import ledger_counts
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 # Variables of the parent worth passing on; everything the service reads is set explicitly.

@@ -17,7 +17,7 @@ from tests.integration.bulk_support import (
     cli_env,
     runs,
 )
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 

@@ -12,9 +12,9 @@ import pytest
 
 from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
-from tests.database import TEST_SERVER_SETTINGS
 from tests.fault.support import listener_env, running_listener, wait_counts_equal_ledger
-from tests.waiting import wait_until
+from tests.support.database import TEST_SERVER_SETTINGS
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 

@@ -13,7 +13,7 @@ import asyncpg
 from listener.config import Settings
 from listener.metrics import RESET_SOURCES, Metrics
 from listener.service import Service
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 CONSUMER = "listener-test"
 

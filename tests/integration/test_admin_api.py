@@ -27,7 +27,7 @@ from tests.integration.bulk_support import (
     settings_for,
     unreachable_url,
 )
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -22,7 +22,7 @@ from listener.clock import utc_now
 from listener.config import Settings
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
-from tests.recording_server import Received, RecordingServer
+from tests.support.recording_server import Received, RecordingServer
 
 pytestmark = pytest.mark.anyio
 

@@ -20,7 +20,7 @@ from tests.integration.listener_support import (
     settings_for,
     wait_counts_match_ledger,
 )
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

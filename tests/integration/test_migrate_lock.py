@@ -23,8 +23,8 @@ import pytest
 
 from listener.migrate import apply_migrations
 from listener.sql import migrations, query
-from tests.database import unique_name
-from tests.waiting import wait_until
+from tests.support.database import unique_name
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

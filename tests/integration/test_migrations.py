@@ -13,7 +13,7 @@ import pytest
 
 from listener.migrate import MigrationError, apply_migrations
 from listener.sql import RELEASED_CHECKSUMS, Migration, migrations
-from tests.database import TestServer, unique_name
+from tests.support.database import TestServer, unique_name
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,7 +22,7 @@ from listener.metrics import Metrics
 from listener.notices import Facts, Notifier
 from listener.sql import query
 from tests.integration.role_support import login_role
-from tests.notice_support import (
+from tests.support.notices import (
     JSON_PATH,
     MATTERMOST_PATH,
     accepted,
@@ -33,8 +33,8 @@ from tests.notice_support import (
     start_rollover,
     text_of,
 )
-from tests.recording_server import RecordingServer
-from tests.waiting import wait_until
+from tests.support.recording_server import RecordingServer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

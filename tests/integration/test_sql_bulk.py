@@ -11,8 +11,8 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.factories import add_stale_users, add_user, make_stale
-from tests.waiting import wait_until
+from tests.support.users import add_stale_users, add_user, make_stale
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -30,8 +30,8 @@ from tests.integration.listener_support import (
     settings_for,
     wait_counts_match_ledger,
 )
-from tests.recording_server import RecordingServer
-from tests.waiting import wait_until
+from tests.support.recording_server import RecordingServer
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -10,9 +10,9 @@ import pytest
 
 from listener.commands.status import gather_status
 from listener.sql import query
-from tests.factories import add_stale_users, add_user
 from tests.integration.role_support import login_role
 from tests.integration.test_ledger_model import COUNTER_DRIFT
+from tests.support.users import add_stale_users, add_user
 
 pytestmark = pytest.mark.anyio
 

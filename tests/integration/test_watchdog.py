@@ -23,7 +23,7 @@ from listener.clock import utc_now
 from listener.config import Settings
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog, run_watchdog
-from tests.database import TestServer
+from tests.support.database import TestServer
 
 pytestmark = pytest.mark.anyio
 

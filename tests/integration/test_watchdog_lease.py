@@ -8,9 +8,9 @@ import pytest
 
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
-from tests.factories import add_stale_users
 from tests.integration.bulk_support import settings_for
-from tests.waiting import wait_until
+from tests.support.users import add_stale_users
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -34,7 +34,7 @@ from tests.integration.bulk_support import (
     settings_for,
 )
 from tests.pgbouncer.support import PgBouncer, PoolMode, running_pgbouncer
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.pgbouncer]
 

@@ -31,7 +31,7 @@ from tests.integration.listener_support import (
     wait_counts_match_ledger,
 )
 from tests.pgbouncer.support import DROPPED_NOTIFICATION, running_pgbouncer
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.pgbouncer]
 

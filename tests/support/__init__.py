@@ -1,0 +1,9 @@
+"""The one test-support layer, shared by unit, integration, fault, e2e, pgbouncer and bench code.
+
+* `database`: the test server (TEST_DATABASE_URL or embedded) and per-test databases.
+* `users`: users in known states (stale ones above all) and what the ledger says of them.
+* `waiting`: waiting on a condition with a deadline, the only synchronisation tests use.
+* `recording_server`: a loopback HTTP server that records what it receives.
+* `leaks`: checks that no secret reached an output.
+* `notices`: rollover-notice destinations with secrets, and a real rollover.
+"""
