@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 
 from tests.fault.support import listener_env, running_listener
-from tests.integration.listener_support import add_stale_users
+from tests.support.users import add_stale_users
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 

@@ -20,12 +20,7 @@ import pytest
 from anyio.abc import Process
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.integration.listener_support import (
-    add_stale_users,
-    ledger_counts,
-    reset_by_bulk,
-    reset_by_trigger,
-)
+from tests.support.users import add_stale_users, ledger_counts, reset_by_bulk, reset_by_trigger
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]

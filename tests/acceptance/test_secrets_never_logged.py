@@ -27,9 +27,10 @@ import pytest
 from listener.admin_api import RESET_PATH
 from listener.embedded import free_port
 from tests.fault.support import listener_env, running_listener
-from tests.integration.bulk_support import add_stale_users, bulk_waiting_on_lock, row_lock
+from tests.integration.bulk_support import bulk_waiting_on_lock, row_lock
 from tests.support.database import unique_name
 from tests.support.leaks import assert_no_secret, distinctive_secret
+from tests.support.users import add_stale_users
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]

@@ -28,7 +28,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from listener.metrics import NOTIFICATION_OUTCOMES, RESET_SOURCES
-from tests.integration.listener_support import ledger_counts
+from tests.support.users import ledger_counts
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

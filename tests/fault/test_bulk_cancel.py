@@ -10,13 +10,8 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.integration.bulk_support import (
-    REPO,
-    bulk_waiting_on_lock,
-    carrying_usage,
-    cli_env,
-    runs,
-)
+from tests.integration.bulk_support import REPO, bulk_waiting_on_lock, cli_env, runs
+from tests.support.users import carrying_usage
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]

@@ -10,7 +10,8 @@ import pytest
 
 from listener.bulk import BulkResetError, run_bulk_reset
 from tests.fault.proxy import tcp_proxy
-from tests.integration.bulk_support import add_stale_users, settings_for
+from tests.integration.bulk_support import settings_for
+from tests.support.users import add_stale_users
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]

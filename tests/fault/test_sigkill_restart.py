@@ -11,7 +11,7 @@ import pytest
 
 from listener.metrics import RESET_SOURCES
 from tests.fault.support import Scrape, listener_env, running_listener
-from tests.integration.listener_support import add_stale_users, reset_by_trigger
+from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]

@@ -19,37 +19,6 @@ BULK_APPLICATION_NAME = "token-reset:bulk"
 REPO = Path(__file__).resolve().parents[2]
 
 
-async def add_stale_users(conn: asyncpg.Connection, count: int, used: int = 7) -> list[UUID]:
-    """Users carrying last period's usage (their last reset 40 days ago)."""
-    rows = await conn.fetch(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset) "
-        "SELECT gen_random_uuid(), $2, now() - interval '40 days' "
-        "FROM generate_series(1, $1) RETURNING user_id",
-        count,
-        used,
-    )
-    return [row["user_id"] for row in rows]
-
-
-async def add_current_users(conn: asyncpg.Connection, count: int, used: int = 3) -> None:
-    """Users already in this period (nothing to reset)."""
-    await conn.execute(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used) "
-        "SELECT gen_random_uuid(), $2 FROM generate_series(1, $1)",
-        count,
-        used,
-    )
-
-
-async def carrying_usage(conn: asyncpg.Connection) -> int:
-    """How many users still carry a previous period's usage."""
-    value: int = await conn.fetchval(
-        "SELECT count(*) FROM user_tokens "
-        "WHERE last_monthly_reset < token_reset_period_start() AND monthly_tokens_used > 0"
-    )
-    return value
-
-
 async def bulk_waiting_on_lock(conn: asyncpg.Connection) -> bool:
     """True when a runner session is blocked on a row lock (its final pass)."""
     waiting: bool = await conn.fetchval(

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
-from uuid import UUID
 
 import anyio
 import asyncpg
@@ -13,6 +12,7 @@ import asyncpg
 from listener.config import Settings
 from listener.metrics import RESET_SOURCES, Metrics
 from listener.service import Service
+from tests.support.users import ledger_counts
 from tests.support.waiting import wait_until
 
 CONSUMER = "listener-test"
@@ -51,50 +51,6 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
 async def ready(service: Service) -> None:
     """Wait until the service is connected, listening and caught up."""
     await wait_until(lambda: not service.state.not_ready(), what="service readiness")
-
-
-async def add_stale_users(conn: asyncpg.Connection, count: int, used: int = 7) -> list[UUID]:
-    """Users still carrying last period's usage (last reset the day before this period)."""
-    rows = await conn.fetch(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset)"
-        " SELECT gen_random_uuid(), $2, public.token_reset_period_start() - interval '1 day'"
-        " FROM generate_series(1, $1) RETURNING user_id",
-        count,
-        used,
-    )
-    return [row["user_id"] for row in rows]
-
-
-async def reset_by_trigger(conn: asyncpg.Connection, users: list[UUID]) -> None:
-    """A write to each stale row: the row trigger resets it (source trigger)."""
-    await conn.execute(
-        "UPDATE user_tokens SET monthly_tokens_used = monthly_tokens_used + 1"
-        " WHERE user_id = ANY($1::uuid[])",
-        users,
-    )
-
-
-async def reset_by_function(conn: asyncpg.Connection, users: list[UUID]) -> None:
-    """deduct_tokens on each stale user: it resets first (source function)."""
-    for user in users:
-        await conn.execute("SELECT deduct_tokens($1, 1, 'test')", user)
-
-
-async def reset_by_bulk(conn: asyncpg.Connection) -> int:
-    """The bulk backup over everyone still stale (source bulk)."""
-    result = await conn.fetchval("SELECT (reset_monthly_tokens_for_all_users() ->> 'reset_count')")
-    return int(result)
-
-
-async def ledger_counts(conn: asyncpg.Connection) -> dict[str, int]:
-    """The truth: reset rows per source."""
-    rows = await conn.fetch(
-        "SELECT metadata ->> 'source' AS source, count(*) AS n FROM token_transactions"
-        " WHERE operation = 'reset' GROUP BY 1"
-    )
-    counts = dict.fromkeys(RESET_SOURCES, 0)
-    counts.update({row["source"]: int(row["n"]) for row in rows})
-    return counts
 
 
 def counted(metrics: Metrics) -> dict[str, int]:

@@ -19,14 +19,13 @@ from listener.config import Settings
 from listener.metrics import Metrics
 from tests.integration.bulk_support import (
     BULK_APPLICATION_NAME,
-    add_stale_users,
     bulk_waiting_on_lock,
-    carrying_usage,
     row_lock,
     runs,
     settings_for,
     unreachable_url,
 )
+from tests.support.users import add_stale_users, carrying_usage
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio

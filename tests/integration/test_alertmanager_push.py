@@ -23,6 +23,7 @@ from listener.config import Settings
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
 from tests.support.recording_server import Received, RecordingServer
+from tests.support.users import add_stale_users
 
 pytestmark = pytest.mark.anyio
 
@@ -32,11 +33,7 @@ INTERVAL = 0.05
 
 async def stale_users_seven_hours_in(conn: asyncpg.Connection) -> Callable[[], datetime]:
     """Three users carrying last period's usage; a clock 7 h into the period."""
-    await conn.execute(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset) "
-        "SELECT gen_random_uuid(), 40, token_reset_period_start() - interval '10 days' "
-        "FROM generate_series(1, 3)"
-    )
+    await add_stale_users(conn, 3, used=40)
     start: datetime = await conn.fetchval("SELECT token_reset_period_start()")
     offset = start + timedelta(hours=7) - utc_now()
     return lambda: utc_now() + offset

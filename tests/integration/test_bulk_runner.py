@@ -13,15 +13,13 @@ from listener.bulk import BatchProgress, BulkResetError, BulkResult, run_bulk_re
 from listener.metrics import Metrics
 from tests.integration.bulk_support import (
     BULK_APPLICATION_NAME,
-    add_current_users,
-    add_stale_users,
     bulk_waiting_on_lock,
-    carrying_usage,
     row_lock,
     runs,
     settings_for,
     unreachable_url,
 )
+from tests.support.users import add_current_users, add_stale_users, carrying_usage
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio

@@ -19,13 +19,12 @@ from structlog.testing import capture_logs
 from listener.metrics import Metrics
 from listener.service import Service
 from tests.integration.listener_support import (
-    add_stale_users,
     counted,
     ready,
-    reset_by_trigger,
     settings_for,
     wait_counts_match_ledger,
 )
+from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio

@@ -14,16 +14,13 @@ from listener.metrics import Metrics
 from listener.service import Service
 from tests.integration.listener_support import (
     CONSUMER,
-    add_stale_users,
     counted,
-    ledger_counts,
     ready,
-    reset_by_bulk,
-    reset_by_trigger,
     running,
     settings_for,
     wait_counts_match_ledger,
 )
+from tests.support.users import add_stale_users, ledger_counts, reset_by_bulk, reset_by_trigger
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio

@@ -7,18 +7,20 @@ import httpx
 import pytest
 
 from tests.integration.listener_support import (
-    add_stale_users,
     counted,
     force_read,
-    ledger_counts,
     notifications,
     ready,
-    reset_by_bulk,
-    reset_by_function,
-    reset_by_trigger,
     running,
     settings_for,
     wait_counts_match_ledger,
+)
+from tests.support.users import (
+    add_stale_users,
+    ledger_counts,
+    reset_by_bulk,
+    reset_by_function,
+    reset_by_trigger,
 )
 from tests.support.waiting import wait_until
 

@@ -34,6 +34,7 @@ from tests.support.notices import (
     text_of,
 )
 from tests.support.recording_server import RecordingServer
+from tests.support.users import add_stale_users
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -264,11 +265,7 @@ async def test_an_incomplete_rollover_past_the_grace_says_so_once_then_completes
     """Stale users 7 h into the period (grace 6 h): one 'NOT complete' notice per
     destination, never repeated; after the bulk run, one 'complete' notice each."""
     clock = PeriodClock(await period_start(conn) + timedelta(hours=7))
-    await conn.execute(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset)"
-        " SELECT gen_random_uuid(), 9, token_reset_period_start() - interval '2 days'"
-        " FROM generate_series(1, 4)"
-    )
+    await add_stale_users(conn, 4, used=9)
     with RecordingServer() as receiver:
         settings = settings_for(database_url, receiver, "replica-a")
         a = Notifier(settings, Metrics.fresh(), clock=clock)

@@ -12,14 +12,8 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.integration.bulk_support import (
-    REPO,
-    add_stale_users,
-    carrying_usage,
-    cli_env,
-    runs,
-    unreachable_url,
-)
+from tests.integration.bulk_support import REPO, cli_env, runs, unreachable_url
+from tests.support.users import add_stale_users, carrying_usage
 
 pytestmark = pytest.mark.anyio
 

@@ -13,14 +13,8 @@ import pytest
 from listener.bulk import run_bulk_reset
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
-from tests.integration.bulk_support import (
-    REPO,
-    add_current_users,
-    add_stale_users,
-    cli_env,
-    settings_for,
-    unreachable_url,
-)
+from tests.integration.bulk_support import REPO, cli_env, settings_for, unreachable_url
+from tests.support.users import add_current_users, add_stale_users
 
 pytestmark = pytest.mark.anyio
 

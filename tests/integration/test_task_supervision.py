@@ -23,14 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from listener.metrics import Metrics
 from listener.service import Service
 from tests.integration.listener_support import (
-    add_stale_users,
     ready,
-    reset_by_trigger,
     running,
     settings_for,
     wait_counts_match_ledger,
 )
 from tests.support.recording_server import RecordingServer
+from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio

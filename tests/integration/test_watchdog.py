@@ -24,6 +24,7 @@ from listener.config import Settings
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog, run_watchdog
 from tests.support.database import TestServer
+from tests.support.users import add_current_users, add_stale_users
 
 pytestmark = pytest.mark.anyio
 
@@ -36,22 +37,10 @@ async def period_start(conn: asyncpg.Connection) -> datetime:
     return value
 
 
-async def add_users(conn: asyncpg.Connection, count: int, *, used: int, last_reset: str) -> None:
-    """Insert `count` users with `used` tokens, last reset at the given SQL expression."""
-    await conn.execute(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset) "
-        f"SELECT gen_random_uuid(), $1, {last_reset} FROM generate_series(1, $2)",
-        used,
-        count,
-    )
-
-
 async def make_stale(conn: asyncpg.Connection, count: int) -> None:
     """`count` users still carrying last period's usage, plus two current ones."""
-    await add_users(
-        conn, count, used=77, last_reset="token_reset_period_start() - interval '10 days'"
-    )
-    await add_users(conn, 2, used=5, last_reset="now()")
+    await add_stale_users(conn, count, used=77)
+    await add_current_users(conn, 2, used=5)
 
 
 def clock_at(start: datetime, hours: float) -> Callable[[], datetime]:
@@ -131,7 +120,7 @@ async def test_zero_resets_although_last_period_had_usage(
     conn: asyncpg.Connection, database_url: str
 ) -> None:
     """Usage wiped outside the ledger (nobody stale, no reset row) still pages."""
-    await add_users(conn, 1, used=0, last_reset="now()")
+    await add_current_users(conn, 1, used=0)
     user_id = await conn.fetchval("SELECT user_id FROM user_tokens")
     # A deduction last period (the ledger accepts explicit times; rows are append-only).
     await conn.execute(
@@ -152,7 +141,7 @@ async def test_usage_two_periods_ago_does_not_count_as_last_period(
     conn: asyncpg.Connection, database_url: str
 ) -> None:
     """Only the previous period's ledger rows say 'last month had usage'."""
-    await add_users(conn, 1, used=0, last_reset="now()")
+    await add_current_users(conn, 1, used=0)
     await conn.execute(
         "INSERT INTO token_transactions (user_id, operation, feature, amount, created_at, period) "
         "SELECT user_id, 'deduct', 'chat', 9, token_reset_period_start() - interval '45 days', "

@@ -25,15 +25,14 @@ import pytest
 from listener.bulk import BulkResult, run_bulk_reset
 from tests.integration.bulk_support import (
     REPO,
-    add_stale_users,
     bulk_waiting_on_lock,
-    carrying_usage,
     cli_env,
     row_lock,
     runs,
     settings_for,
 )
 from tests.pgbouncer.support import PgBouncer, PoolMode, running_pgbouncer
+from tests.support.users import add_stale_users, carrying_usage
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.pgbouncer]

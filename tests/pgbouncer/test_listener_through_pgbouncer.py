@@ -22,15 +22,14 @@ from structlog.testing import capture_logs
 
 from listener.service import Service
 from tests.integration.listener_support import (
-    add_stale_users,
     notifications,
     ready,
-    reset_by_trigger,
     running,
     settings_for,
     wait_counts_match_ledger,
 )
 from tests.pgbouncer.support import DROPPED_NOTIFICATION, running_pgbouncer
+from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.pgbouncer]
