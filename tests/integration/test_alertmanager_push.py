@@ -54,7 +54,9 @@ def fired(alert: dict[str, Any], now: datetime) -> bool:
     return datetime.fromisoformat(alert["endsAt"]) > now
 
 
-async def wait_until(server: RecordingServer, predicate: Callable[[list[Received]], bool]) -> None:
+async def wait_received(
+    server: RecordingServer, predicate: Callable[[list[Received]], bool]
+) -> None:
     """Block (off the event loop) until the server has received what predicate wants."""
     arrived = await anyio.to_thread.run_sync(server.wait_for, predicate, DEADLINE_SECONDS)
     assert arrived, f"not received within {DEADLINE_SECONDS} s: {server.snapshot()!r}"
@@ -83,7 +85,7 @@ async def test_raise_posts_and_reposts_then_clear_sends_ends_at(
         watchdog = Watchdog(settings, Metrics.fresh(), clock=clock)
         async with anyio.create_task_group() as tg:
             tg.start_soon(watchdog.run)
-            await wait_until(server, lambda got: len(alert_posts(got)) >= 3)
+            await wait_received(server, lambda got: len(alert_posts(got)) >= 3)
             firing = alert_posts(server.snapshot())
             assert {a["labels"]["alertname"] for a in firing} == {"TokenResetMissedMonth"}
             assert firing[0]["labels"] == ALERT_LABELS
@@ -94,7 +96,7 @@ async def test_raise_posts_and_reposts_then_clear_sends_ends_at(
             assert all(fired(a, clock()) for a in firing)
 
             await conn.execute("SELECT reset_monthly_tokens_for_all_users()")
-            await wait_until(server, lambda got: not fired(alert_posts(got)[-1], clock()))
+            await wait_received(server, lambda got: not fired(alert_posts(got)[-1], clock()))
             await wait_for_checks(watchdog, 3)
             tg.cancel_scope.cancel()
     posts = alert_posts(server.snapshot())
@@ -157,9 +159,9 @@ async def test_failing_alertmanager_recovers_and_delivers(
         watchdog = Watchdog(settings, Metrics.fresh(), clock=clock, pusher=pusher)
         async with anyio.create_task_group() as tg:
             tg.start_soon(watchdog.run)
-            await wait_until(server, lambda got: len(got) >= 3)
+            await wait_received(server, lambda got: len(got) >= 3)
             server.status = 200
-            await wait_until(server, lambda got: len(alert_posts(got)) >= 1)
+            await wait_received(server, lambda got: len(alert_posts(got)) >= 1)
             with anyio.fail_after(DEADLINE_SECONDS):
                 # The server has the POST; wait for the pusher to have read the answer.
                 while pusher.sent < 1:  # noqa: ASYNC110  # a counter, no event to await
