@@ -26,10 +26,10 @@ import pytest
 
 from listener.admin_api import RESET_PATH
 from listener.embedded import free_port
-from tests.fault.support import listener_env, running_listener
 from tests.integration.bulk_support import bulk_waiting_on_lock, row_lock
 from tests.support.database import unique_name
 from tests.support.leaks import assert_no_secret, distinctive_secret
+from tests.support.processes import listener_env, running_listener
 from tests.support.users import add_stale_users
 from tests.support.waiting import wait_until
 

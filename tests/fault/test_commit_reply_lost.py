@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from tests.fault.proxy import tcp_proxy
-from tests.fault.support import listener_env, running_listener, wait_counts_equal_ledger
+from tests.support.processes import listener_env, running_listener, wait_counts_equal_ledger
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.fault.support import (
+from tests.support.processes import (
     ListenerProcess,
     Scrape,
     listener_env,

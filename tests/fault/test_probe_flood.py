@@ -20,7 +20,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tests.fault.support import (
+from tests.support.processes import (
     ListenerProcess,
     Scrape,
     listener_env,

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from listener.metrics import RESET_SOURCES
-from tests.fault.support import Scrape, listener_env, running_listener
+from tests.support.processes import Scrape, listener_env, running_listener
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 

@@ -21,9 +21,9 @@ import asyncpg
 import pytest
 
 from listener.embedded import find_bindir
-from tests.fault.support import listener_env, running_listener, wait_counts_equal_ledger
 from tests.integration.bulk_support import REPO, cli_env
 from tests.support.database import TestServer, run_sync, with_database
+from tests.support.processes import listener_env, running_listener, wait_counts_equal_ledger
 from tests.support.users import add_stale_users, reset_by_trigger
 
 pytestmark = pytest.mark.anyio

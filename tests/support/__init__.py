@@ -6,4 +6,5 @@
 * `recording_server`: a loopback HTTP server that records what it receives.
 * `leaks`: checks that no secret reached an output.
 * `notices`: rollover-notice destinations with secrets, and a real rollover.
+* `processes`: the real `listen` process, its log events, its /metrics, its memory.
 """
