@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     BenchServer,
@@ -49,6 +48,7 @@ from bench.common import (
 )
 from bench.listener_drain import ADVANCE_LEDGER_IDS, notify_burst
 from listener.embedded import free_port
+from tests.support.metrics import Scrape
 
 NAME = "listener_memory"
 TARGET_GROWTH_MB = 20.0
@@ -120,13 +120,11 @@ class ListenerProcess:
         status, body = self.get("/metrics")
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
-        found = {"users": 0.0}
-        for family in text_string_to_metric_families(body):
-            for sample in family.samples:
-                if sample.name == "token_reset_users_total":
-                    found["users"] += sample.value
-                elif sample.name == "token_reset_notifications_total":
-                    found[sample.labels["outcome"]] = sample.value
+        scrape = Scrape.parse(body)
+        found = {
+            "users": scrape.total("token_reset_users_total"),
+            **scrape.by_label("token_reset_notifications_total", "outcome"),
+        }
         found["accounted"] = sum(found.get(k, 0.0) for k in ("ok", "malformed", "overflow"))
         return found
 

@@ -18,8 +18,8 @@ import asyncpg
 import httpx
 import pytest
 from anyio.abc import Process
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.metrics import Scrape
 from tests.support.users import add_stale_users, ledger_counts, reset_by_bulk, reset_by_trigger
 from tests.support.waiting import wait_until
 
@@ -107,17 +107,6 @@ async def stderr_text(process: Process) -> str:
     return b"".join(chunks).decode(errors="replace")
 
 
-def counters(text: str) -> dict[str, int]:
-    """token_reset_users_total per source, from a /metrics scrape."""
-    found: dict[str, int] = {}
-    for family in text_string_to_metric_families(text):
-        if family.name == "token_reset_users":
-            for sample in family.samples:
-                if sample.name == "token_reset_users_total":
-                    found[sample.labels["source"]] = int(sample.value)
-    return found
-
-
 def promtool_check(text: str) -> None:
     """`promtool check metrics` must accept the exposition (a missing promtool fails)."""
     promtool = shutil.which("promtool")
@@ -172,7 +161,7 @@ async def test_listen_serves_counts_logs_json_and_stops_on_sigterm(
             async def matches_ledger() -> bool:
                 response = await client.get("/metrics")
                 scraped[:] = [response.text]
-                return counters(response.text) == truth
+                return Scrape.parse(response.text).users_reset() == truth
 
             await wait_until(matches_ledger, what="scraped counters to equal the ledger")
         promtool_check(scraped[0])

@@ -8,9 +8,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.support.metrics import Scrape
 from tests.support.processes import (
     ListenerProcess,
-    Scrape,
     listener_env,
     memory_kib,
     running_listener,

@@ -20,9 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from tests.support.metrics import Scrape
 from tests.support.processes import (
     ListenerProcess,
-    Scrape,
     listener_env,
     running_listener,
     wait_counts_equal_ledger,

@@ -10,7 +10,8 @@ import asyncpg
 import pytest
 
 from listener.metrics import RESET_SOURCES
-from tests.support.processes import Scrape, listener_env, running_listener
+from tests.support.metrics import Scrape
+from tests.support.processes import listener_env, running_listener
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 

@@ -10,8 +10,9 @@ import anyio
 import asyncpg
 
 from listener.config import Settings
-from listener.metrics import RESET_SOURCES, Metrics
+from listener.metrics import Metrics
 from listener.service import Service
+from tests.support.metrics import counted
 from tests.support.users import ledger_counts
 from tests.support.waiting import wait_until
 
@@ -51,23 +52,6 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
 async def ready(service: Service) -> None:
     """Wait until the service is connected, listening and caught up."""
     await wait_until(lambda: not service.state.not_ready(), what="service readiness")
-
-
-def counted(metrics: Metrics) -> dict[str, int]:
-    """What the service exported: token_reset_users_total per source."""
-    registry = metrics.registry
-    return {
-        source: int(registry.get_sample_value("token_reset_users_total", {"source": source}) or 0)
-        for source in RESET_SOURCES
-    }
-
-
-def notifications(metrics: Metrics, outcome: str) -> int:
-    """token_reset_notifications_total for one outcome."""
-    value = metrics.registry.get_sample_value(
-        "token_reset_notifications_total", {"outcome": outcome}
-    )
-    return int(value or 0)
 
 
 async def wait_counts_match_ledger(

@@ -14,12 +14,12 @@ from listener.metrics import Metrics
 from listener.service import Service
 from tests.integration.listener_support import (
     CONSUMER,
-    counted,
     ready,
     running,
     settings_for,
     wait_counts_match_ledger,
 )
+from tests.support.metrics import counted, sample
 from tests.support.users import add_stale_users, ledger_counts, reset_by_bulk, reset_by_trigger
 from tests.support.waiting import wait_until
 
@@ -28,8 +28,7 @@ pytestmark = pytest.mark.anyio
 
 def reconnects(service: Service) -> int:
     """token_reset_reconnects_total."""
-    value = service.metrics.registry.get_sample_value("token_reset_reconnects_total")
-    return int(value or 0)
+    return int(sample(service.metrics, "token_reset_reconnects_total") or 0)
 
 
 async def test_terminated_connection_reconnects_and_counts_equal_the_ledger(

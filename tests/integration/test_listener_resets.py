@@ -7,14 +7,13 @@ import httpx
 import pytest
 
 from tests.integration.listener_support import (
-    counted,
     force_read,
-    notifications,
     ready,
     running,
     settings_for,
     wait_counts_match_ledger,
 )
+from tests.support.metrics import counted, notifications
 from tests.support.users import (
     add_stale_users,
     ledger_counts,

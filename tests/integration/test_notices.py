@@ -22,6 +22,7 @@ from listener.metrics import Metrics
 from listener.notices import Facts, Notifier
 from listener.sql import query
 from tests.integration.role_support import login_role
+from tests.support.metrics import sample
 from tests.support.notices import (
     JSON_PATH,
     MATTERMOST_PATH,
@@ -191,10 +192,8 @@ async def test_a_failing_destination_is_retried_with_backoff_and_sent_once(
     assert [e["attempt"] for e in failed] == [1, 2]
     assert all(e["retry_in_seconds"] > 0 for e in failed)
     assert "error=500" in failed[0]["reason"]
-    assert (
-        metrics.registry.get_sample_value("token_reset_notices_total", {"outcome": "failure"}) == 2
-    )
-    assert metrics.registry.get_sample_value("token_reset_notices_total", {"outcome": "sent"}) == 2
+    assert sample(metrics, "token_reset_notices_total", outcome="failure") == 2
+    assert sample(metrics, "token_reset_notices_total", outcome="sent") == 2
     rows = {r["label"].split()[1]: r for r in await deliveries(conn)}
     assert (rows["Mattermost"]["state"], rows["Mattermost"]["attempts"]) == ("sent", 3)
     assert (rows["JSON"]["state"], rows["JSON"]["attempts"]) == ("sent", 1)

@@ -21,6 +21,7 @@ from tests.integration.bulk_support import (
     settings_for,
     unreachable_url,
 )
+from tests.support.metrics import sample
 from tests.support.users import add_stale_users, carrying_usage
 from tests.support.waiting import wait_until
 
@@ -134,7 +135,7 @@ async def test_a_restart_does_not_rerun_a_served_slot(
     assert await scheduler.tick(FEB_SLOT + timedelta(hours=3)) is None
     assert len(await runs(conn)) == 1
     assert scheduler.served_through == FEB_SLOT
-    assert metrics.registry.get_sample_value("token_reset_bulk_last_success_timestamp_seconds") > 0
+    assert sample(metrics, "token_reset_bulk_last_success_timestamp_seconds") > 0
 
 
 async def test_two_replicas_racing_for_one_slot_run_it_once(

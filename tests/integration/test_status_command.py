@@ -14,6 +14,7 @@ from listener.bulk import run_bulk_reset
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
 from tests.integration.bulk_support import REPO, cli_env, settings_for, unreachable_url
+from tests.support.metrics import sample
 from tests.support.users import add_current_users, add_stale_users
 
 pytestmark = pytest.mark.anyio
@@ -128,7 +129,7 @@ async def test_status_stale_users_is_the_gauge_for_the_same_database(
         assert await watchdog.check_once() is not None
     finally:
         watchdog.close()
-    gauge = metrics.registry.get_sample_value("token_reset_stale_users")
+    gauge = sample(metrics, "token_reset_stale_users")
 
     report = await status_json(database_url)
     assert report["stale_users"] == gauge == 5

@@ -18,7 +18,6 @@ import anyio
 import asyncpg
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from listener.metrics import Metrics
 from listener.service import Service
@@ -28,6 +27,7 @@ from tests.integration.listener_support import (
     settings_for,
     wait_counts_match_ledger,
 )
+from tests.support.metrics import Scrape, sample
 from tests.support.recording_server import RecordingServer
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
@@ -41,17 +41,12 @@ DEADLINE_SECONDS = 20.0
 
 def task_up(text: str) -> dict[str, float]:
     """token_reset_task_up per task, from a /metrics scrape."""
-    return {
-        sample.labels["task"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "token_reset_task_up"
-    }
+    return Scrape.parse(text).by_label("token_reset_task_up", "task")
 
 
 def gauge(metrics: Metrics, task: str) -> float | None:
     """token_reset_task_up{task} from the in-process registry."""
-    return metrics.registry.get_sample_value("token_reset_task_up", {"task": task})
+    return sample(metrics, "token_reset_task_up", task=task)
 
 
 @pytest.fixture
@@ -132,7 +127,7 @@ async def test_a_restarted_watchdog_keeps_moving_its_gauges(
         await add_stale_users(conn, 4)
         svc.supervisor.recover("watchdog")
         await wait_until(
-            lambda: metrics.registry.get_sample_value("token_reset_stale_users") == 4,
+            lambda: sample(metrics, "token_reset_stale_users") == 4,
             deadline=DEADLINE_SECONDS,
             what="the restarted watchdog to export the 4 new stale users",
         )

@@ -24,6 +24,7 @@ from listener.config import Settings
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog, run_watchdog
 from tests.support.database import TestServer
+from tests.support.metrics import sample
 from tests.support.users import add_current_users, add_stale_users
 
 pytestmark = pytest.mark.anyio
@@ -64,9 +65,9 @@ async def check(database_url: str, metrics: Metrics, clock: Callable[[], datetim
 
 def value(metrics: Metrics, name: str) -> float:
     """A gauge's current value from the registry (what /metrics would show)."""
-    sample = metrics.registry.get_sample_value(name)
-    assert sample is not None, f"{name} is not exported"
-    return sample
+    found = sample(metrics, name)
+    assert found is not None, f"{name} is not exported"
+    return found
 
 
 async def test_stale_users_past_grace_raise_and_bulk_reset_clears(
@@ -159,7 +160,7 @@ async def wait_for_gauge(metrics: Metrics, name: str, expected: float) -> None:
     """Wait (with a deadline) until the gauge shows the expected value."""
     with anyio.fail_after(DEADLINE_SECONDS):
         # A gauge has no event to await; re-reading it under a deadline is the condition.
-        while metrics.registry.get_sample_value(name) != expected:  # noqa: ASYNC110
+        while sample(metrics, name) != expected:  # noqa: ASYNC110
             await anyio.sleep(0.02)
 
 

@@ -22,13 +22,13 @@ from structlog.testing import capture_logs
 
 from listener.service import Service
 from tests.integration.listener_support import (
-    notifications,
     ready,
     running,
     settings_for,
     wait_counts_match_ledger,
 )
 from tests.pgbouncer.support import DROPPED_NOTIFICATION, running_pgbouncer
+from tests.support.metrics import notifications, sample
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 
@@ -40,7 +40,7 @@ POOLED_EVENT = "listener_not_receiving_notifications"
 
 def gauge(service: Service, name: str) -> float | None:
     """One unlabelled sample of the service's registry."""
-    return service.metrics.registry.get_sample_value(name)
+    return sample(service.metrics, name)
 
 
 async def test_session_mode_delivers_every_doorbell(

@@ -6,5 +6,6 @@
 * `recording_server`: a loopback HTTP server that records what it receives.
 * `leaks`: checks that no secret reached an output.
 * `notices`: rollover-notice destinations with secrets, and a real rollover.
+* `metrics`: one reader of metrics, a /metrics answer (`Scrape`) or an in-process registry.
 * `processes`: the real `listen` process, its log events, its /metrics, its memory.
 """

@@ -2,7 +2,7 @@
 
 * `running_listener` spawns `python -m listener listen`, reads its stdout JSON lines
   in a thread (a pipe never fills), and always stops it: SIGTERM, then SIGKILL.
-* `Scrape` is one parsed /metrics answer (prometheus_client's own text parser).
+* Its /metrics answers are read with tests/support/metrics.py.
 * The network fault (a proxy that goes silent) lives in tests/fault/proxy.py.
 """
 
@@ -18,16 +18,14 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import anyio
 import asyncpg
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from listener.metrics import NOTIFICATION_OUTCOMES, RESET_SOURCES
+from tests.support.metrics import Scrape
 from tests.support.users import ledger_counts
 from tests.support.waiting import wait_until
 
@@ -68,53 +66,6 @@ def memory_kib(pid: int) -> tuple[int, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0])
     return fields["VmRSS"], fields["VmHWM"]
-
-
-@dataclass(frozen=True)
-class Scrape:
-    """One /metrics answer: sample value by (sample name, labels)."""
-
-    samples: Mapping[tuple[str, frozenset[tuple[str, str]]], float]
-
-    @classmethod
-    def parse(cls, text: str) -> Scrape:
-        """Parse the Prometheus text format."""
-        samples = {
-            (sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(text)
-            for sample in family.samples
-        }
-        return cls(samples)
-
-    def value(self, name: str, **labels: str) -> float:
-        """One sample's value; a missing series is a failure, not a zero."""
-        key = (name, frozenset(labels.items()))
-        assert key in self.samples, f"no sample {name}{labels} in /metrics"
-        return self.samples[key]
-
-    def users_reset(self) -> dict[str, int]:
-        """token_reset_users_total per source."""
-        return {
-            source: int(self.value("token_reset_users_total", source=source))
-            for source in RESET_SOURCES
-        }
-
-    def notifications(self) -> dict[str, int]:
-        """token_reset_notifications_total per outcome."""
-        return {
-            outcome: int(self.value("token_reset_notifications_total", outcome=outcome))
-            for outcome in NOTIFICATION_OUTCOMES
-        }
-
-    @property
-    def connected(self) -> int:
-        """token_reset_listener_connected."""
-        return int(self.value("token_reset_listener_connected"))
-
-    @property
-    def reconnects(self) -> int:
-        """token_reset_reconnects_total."""
-        return int(self.value("token_reset_reconnects_total"))
 
 
 class ListenerProcess:
