@@ -15,7 +15,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.support.processes import listener_env, running_listener
+from tests.support.env import listener_env
+from tests.support.processes import running_listener
 from tests.support.users import add_stale_users
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -19,6 +17,8 @@ import httpx
 import pytest
 from anyio.abc import Process
 
+from tests.support.cli import LISTENER
+from tests.support.env import clean_env
 from tests.support.metrics import Scrape
 from tests.support.users import add_stale_users, ledger_counts, reset_by_bulk, reset_by_trigger
 from tests.support.waiting import wait_until
@@ -26,24 +26,11 @@ from tests.support.waiting import wait_until
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
 REPO = Path(__file__).resolve().parents[2]
-LISTEN = [sys.executable, "-m", "listener", "listen"]
+LISTEN = [*LISTENER, "listen"]
 SECRET = "a" * 32
 # What the process must do within these, on a 2-core machine shared with other work.
 START_SECONDS = 30.0
 STOP_SECONDS = 10.0
-
-
-def clean_env(**values: str) -> dict[str, str]:
-    """The inherited environment minus anything that configures the service or libpq."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("PG")
-        and key
-        not in {"DATABASE_URL", "CRON_SECRET", "HTTP_PORT", "HTTP_HOST", "LOG_LEVEL", "LOG_FORMAT"}
-    }
-    env.update(values)
-    return env
 
 
 @dataclass

@@ -8,10 +8,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.support.env import listener_env
 from tests.support.metrics import Scrape
 from tests.support.processes import (
     ListenerProcess,
-    listener_env,
     memory_kib,
     running_listener,
     wait_counts_equal_ledger,

@@ -13,7 +13,8 @@ import pytest
 from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
 from tests.support.database import TEST_SERVER_SETTINGS
-from tests.support.processes import listener_env, running_listener, wait_counts_equal_ledger
+from tests.support.env import listener_env
+from tests.support.processes import running_listener, wait_counts_equal_ledger
 from tests.support.users import add_stale_users, reset_by_bulk, reset_by_trigger
 from tests.support.waiting import wait_until
 

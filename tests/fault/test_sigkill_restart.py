@@ -10,8 +10,9 @@ import asyncpg
 import pytest
 
 from listener.metrics import RESET_SOURCES
+from tests.support.env import listener_env
 from tests.support.metrics import Scrape
-from tests.support.processes import listener_env, running_listener
+from tests.support.processes import running_listener
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 

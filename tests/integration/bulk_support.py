@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -58,10 +57,3 @@ def unreachable_url() -> str:
 def settings_for(database_url: str, **changes: object) -> Settings:
     """Settings pointing at a test database."""
     return Settings(database_url=database_url).with_overrides(**changes)
-
-
-def cli_env(database_url: str) -> dict[str, str]:
-    """The parent's environment with only our database configured (for subprocesses)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CRON_"))}
-    env.update(DATABASE_URL=database_url, LOG_FORMAT="json", LOG_LEVEL="INFO")
-    return env

@@ -10,8 +10,6 @@ MIGRATE_LOCK_TIMEOUT_SECONDS, and a wait is logged once, naming the holder.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +21,9 @@ import pytest
 
 from listener.migrate import apply_migrations
 from listener.sql import migrations, query
+from tests.support.cli import cli
 from tests.support.database import unique_name
+from tests.support.env import cli_env
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -98,15 +98,9 @@ async def migrate_cli(
     database_url: str, into: list[tuple[int, str, str, float]], **env_values: str
 ) -> None:
     """`python -m listener migrate`; appends (exit code, stdout, stderr, seconds)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(DATABASE_URL=database_url, LOG_FORMAT="json", LOG_LEVEL="INFO", **env_values)
     started = time.monotonic()
-    with anyio.fail_after(60):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "listener", "migrate"], env=env, cwd=REPO, check=False
-        )
-    seconds = time.monotonic() - started
-    into.append((done.returncode, done.stdout.decode(), done.stderr.decode(), seconds))
+    done = await cli("migrate", env=cli_env(database_url, **env_values))
+    into.append((*done, time.monotonic() - started))
 
 
 def events(stderr: str, name: str) -> list[dict[str, object]]:

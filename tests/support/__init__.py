@@ -7,5 +7,7 @@
 * `leaks`: checks that no secret reached an output.
 * `notices`: rollover-notice destinations with secrets, and a real rollover.
 * `metrics`: one reader of metrics, a /metrics answer (`Scrape`) or an in-process registry.
+* `env`: the environment a child process gets (nothing configures it by accident).
+* `cli`: the one CLI runner, `python -m listener <args>`, blocking or awaited.
 * `processes`: the real `listen` process, its log events, its /metrics, its memory.
 """

@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -25,37 +23,13 @@ import anyio
 import asyncpg
 import httpx
 
+from tests.support.cli import LISTENER
 from tests.support.metrics import Scrape
 from tests.support.users import ledger_counts
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
-# Variables of the parent worth passing on; everything the service reads is set explicitly.
-_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "SYSTEMROOT")
 STOP_SECONDS = 10.0
-
-
-def listener_env(database_url: str, *, name: str, **settings: str | float) -> dict[str, str]:
-    """A clean environment for `listen`: quick health checks, no schedule, a free port."""
-    env = {key: os.environ[key] for key in _INHERITED if key in os.environ}
-    env.update(
-        DATABASE_URL=database_url,
-        LISTENER_NAME=name,
-        HTTP_HOST="127.0.0.1",
-        HTTP_PORT="0",
-        LOG_FORMAT="json",
-        LOG_LEVEL="INFO",
-        RESET_SCHEDULE="off",
-        WATCHDOG_INTERVAL_SECONDS="3600",
-        PROBE_INTERVAL_SECONDS="1",
-        PROBE_TIMEOUT_SECONDS="2",
-        RECONNECT_MAX_SECONDS="0.5",
-        CATCHUP_INTERVAL_SECONDS="30",
-        SHUTDOWN_TIMEOUT_SECONDS="5",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update({key: str(value) for key, value in settings.items()})
-    return env
 
 
 def memory_kib(pid: int) -> tuple[int, int]:
@@ -80,7 +54,7 @@ class ListenerProcess:
         self._lock = threading.Lock()
         self._log: IO[str] = log_path.open("w", encoding="utf-8")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "listener", "listen"],
+            [*LISTENER, "listen"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
