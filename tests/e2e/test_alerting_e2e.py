@@ -24,17 +24,17 @@ import asyncpg
 import pytest
 import yaml
 
-from tests.e2e.processes import (
+from listener.embedded import free_port
+from tests.support.cli import LISTENER
+from tests.support.env import clean_env
+from tests.support.processes import (
     ALERTMANAGER,
     PROMETHEUS,
     Process,
-    free_port,
     require_binaries,
     wait_for_log_event,
     wait_until_ready,
 )
-from tests.support.cli import LISTENER
-from tests.support.env import clean_env
 from tests.support.recording_server import Received, RecordingServer
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]

@@ -16,7 +16,6 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.e2e.processes import Process
 from tests.integration.bulk_support import settings_for
 from tests.support.cli import LISTENER
 from tests.support.env import clean_env
@@ -30,6 +29,7 @@ from tests.support.notices import (
     start_rollover,
     text_of,
 )
+from tests.support.processes import Process
 from tests.support.recording_server import RecordingServer
 from tests.support.waiting import wait_until
 

@@ -114,7 +114,7 @@ async def test_a_flood_of_forged_notifications_is_counted_and_harmless(
         rss_after, rss_peak = memory_kib(listener.pid)
 
         # Still alive, ready, and still counting real resets exactly.
-        listener.assert_alive()
+        listener.assert_running()
         assert await listener.readyz() == 200
         assert await reset_by_bulk(conn) == 4
         truth = await wait_counts_equal_ledger(listener, conn)

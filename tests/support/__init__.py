@@ -9,5 +9,6 @@
 * `metrics`: one reader of metrics, a /metrics answer (`Scrape`) or an in-process registry.
 * `env`: the environment a child process gets (nothing configures it by accident).
 * `cli`: the one CLI runner, `python -m listener <args>`, blocking or awaited.
-* `processes`: the real `listen` process, its log events, its /metrics, its memory.
+* `processes`: the one process harness: any program as a child (`Process`), and the real
+  `listen` with its log events, /readyz and /metrics (`running_listener`).
 """
