@@ -1,5 +1,7 @@
 """Where the tests' PostgreSQL comes from, and per-test databases cloned from a template.
 
+The benchmarks use the same server class (bench/common.py's BenchServer extends it).
+
 TEST_DATABASE_URL (a superuser URL of any database on the server) wins; otherwise the
 suite starts an embedded server of its own.  Nothing here ever skips: no database is a
 failure with the reason.
@@ -43,21 +45,30 @@ class TestServer:
     __test__ = False  # not a test class, despite the name
     admin_url: str
     embedded: EmbeddedPostgres | None = None
+    # Clone templates by copying their files (PostgreSQL 15+): a large template (the
+    # benchmarks' million users) costs seconds instead of a flood of WAL.
+    file_copy: bool = False
 
     async def admin(self) -> asyncpg.Connection:
         """A connection to the maintenance database."""
         conn: asyncpg.Connection = await asyncpg.connect(self.admin_url)
         return conn
 
+    def url(self, database: str) -> str:
+        """URL of one database on this server."""
+        return with_database(self.admin_url, database)
+
     async def create_database(self, name: str, template: str | None = None) -> str:
         """Create a database (optionally cloned) and return its URL."""
         conn = await self.admin()
         try:
             clause = f" TEMPLATE {template}" if template else ""
+            if clause and self.file_copy and conn.get_server_version().major >= 15:
+                clause += " STRATEGY FILE_COPY"
             await conn.execute(f"CREATE DATABASE {name}{clause}")
         finally:
             await conn.close()
-        return with_database(self.admin_url, name)
+        return self.url(name)
 
     async def drop_database(self, name: str) -> None:
         """Drop a database even if something still holds a connection to it."""
