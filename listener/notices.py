@@ -341,16 +341,7 @@ class Notifier:
         )
         if attempt is None:
             return  # sent already, leased to a live replica, or waiting for its retry time
-        result: SendResult = await anyio.to_thread.run_sync(
-            functools.partial(
-                send,
-                destination,
-                title=message.title,
-                body=message.body,
-                notice_type=message.notice_type,
-            ),
-            abandon_on_cancel=True,
-        )
+        result = await deliver(destination, message)
         fields = {"period": period, "kind": kind, "destination": destination.label}
         if result.ok:
             self.metrics.notices.labels(outcome="sent").inc()
@@ -402,6 +393,20 @@ SAMPLE = Facts(
     bulk_batches=1,
     seconds_into_period=309.0,
 )
+
+
+async def deliver(destination: Destination, message: Message) -> SendResult:
+    """Send one message to one destination in a worker thread (apprise blocks)."""
+    return await anyio.to_thread.run_sync(
+        functools.partial(
+            send,
+            destination,
+            title=message.title,
+            body=message.body,
+            notice_type=message.notice_type,
+        ),
+        abandon_on_cancel=True,
+    )
 
 
 def sample_message() -> Message:

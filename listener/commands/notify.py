@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 
-import anyio
-
 from listener.config import Settings
-from listener.destinations import load_destinations, send
-from listener.notices import sample_message
+from listener.destinations import load_destinations
+from listener.notices import deliver, sample_message
 
 
 async def command(settings: Settings, args: argparse.Namespace) -> int:
@@ -22,16 +19,7 @@ async def command(settings: Settings, args: argparse.Namespace) -> int:
     message = sample_message()
     failures = 0
     for destination in destinations:
-        result = await anyio.to_thread.run_sync(
-            functools.partial(
-                send,
-                destination,
-                title=message.title,
-                body=message.body,
-                notice_type=message.notice_type,
-            ),
-            abandon_on_cancel=True,
-        )
+        result = await deliver(destination, message)
         if result.ok:
             print(f"{destination.label}: ok")
         else:
