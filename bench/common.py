@@ -25,8 +25,7 @@ from typing import Any
 import asyncpg
 
 from listener.embedded import EmbeddedPostgres, find_bindir, private_data_root
-from listener.migrate import apply_migrations
-from tests.support.database import TestServer, unique_name
+from tests.support.database import TestServer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -60,17 +59,6 @@ class BenchServer(TestServer):
     """The tests' server class, cloning by file copy, with what a benchmark reports."""
 
     file_copy: bool = True
-
-    async def migrated_database(self, prefix: str) -> tuple[str, str]:
-        """A new database with every migration applied; returns (name, url)."""
-        name = unique_name(prefix)
-        url = await self.create_database(name)
-        conn = await asyncpg.connect(url)
-        try:
-            await apply_migrations(conn)
-        finally:
-            await conn.close()
-        return name, url
 
     async def describe(self) -> dict[str, str]:
         """The server settings that decide write cost, for the results file."""

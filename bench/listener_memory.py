@@ -44,10 +44,10 @@ from bench.common import (
     print_table,
     publish,
     summary,
-    unique_name,
 )
 from bench.listener_drain import ADVANCE_LEDGER_IDS, notify_burst
 from listener.embedded import free_port
+from tests.support.database import unique_name
 from tests.support.metrics import Scrape
 
 NAME = "listener_memory"

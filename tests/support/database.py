@@ -70,6 +70,17 @@ class TestServer:
             await conn.close()
         return self.url(name)
 
+    async def migrated_database(self, prefix: str) -> tuple[str, str]:
+        """A new database with every migration applied; returns (name, url)."""
+        name = unique_name(prefix)
+        url = await self.create_database(name)
+        conn = await asyncpg.connect(url)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        return name, url
+
     async def drop_database(self, name: str) -> None:
         """Drop a database even if something still holds a connection to it."""
         conn = await self.admin()
@@ -101,13 +112,7 @@ def unique_name(prefix: str) -> str:
 
 async def make_migrated_template(server: TestServer) -> str:
     """Create and migrate a template database; returns its name."""
-    name = unique_name("tr_template")
-    url = await server.create_database(name)
-    conn = await asyncpg.connect(url)
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
+    name, _ = await server.migrated_database("tr_template")
     return name
 
 
