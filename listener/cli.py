@@ -24,6 +24,7 @@ import anyio
 
 from listener import __version__
 from listener.config import (
+    LOG_FORMATS,
     ConfigError,
     Settings,
     batch_size,
@@ -88,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=flag(database_url, "--database-url"),
             help="PostgreSQL URL (default: $DATABASE_URL / PG*)",
         )
-        p.add_argument("--log-format", choices=["json", "console"], help="default: $LOG_FORMAT")
+        p.add_argument("--log-format", choices=LOG_FORMATS, help="default: $LOG_FORMAT")
         p.add_argument(
             "--log-level", type=flag(log_level, "--log-level"), help="default: $LOG_LEVEL or INFO"
         )
