@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,16 @@ def test_every_module_logs_under_its_own_name() -> None:
                 assert ast.literal_eval(argument) == KEPT_LOGGER_NAMES[module]
             else:
                 assert ast.unparse(argument) == "__name__", (module, ast.unparse(node))
+
+
+def test_the_readme_maps_every_module() -> None:
+    """README's Architecture section names each module of the package, and no other."""
+    readme = (PACKAGE.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("\n## Architecture\n", 1)[1].split("\n## ", 1)[0]
+    mapped = set(re.findall(r"`(listener/[\w/]+\.py)`", section))
+    modules = {
+        str(path.relative_to(PACKAGE.parent))
+        for path in PACKAGE.rglob("*.py")
+        if path.name not in ("__init__.py", "__main__.py")
+    }
+    assert mapped == modules
