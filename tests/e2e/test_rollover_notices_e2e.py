@@ -16,9 +16,8 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.integration.bulk_support import settings_for
 from tests.support.cli import LISTENER
-from tests.support.env import clean_env
+from tests.support.env import clean_env, settings_for
 from tests.support.notices import (
     JSON_PATH,
     MATTERMOST_PATH,

@@ -10,7 +10,7 @@ import pytest
 
 from listener.bulk import BulkResetError, run_bulk_reset
 from tests.fault.proxy import tcp_proxy
-from tests.integration.bulk_support import settings_for
+from tests.support.env import settings_for
 from tests.support.users import add_stale_users
 from tests.support.waiting import wait_until
 

@@ -9,7 +9,6 @@ from uuid import UUID
 
 import asyncpg
 
-from listener.config import Settings
 from listener.embedded import free_port
 
 # Sessions of the runner are tagged so tests can find (and kill) them.
@@ -52,8 +51,3 @@ async def runs(conn: asyncpg.Connection) -> list[asyncpg.Record]:
 def unreachable_url() -> str:
     """A database URL nobody listens on (a port the OS just handed out and we let go)."""
     return f"postgresql://postgres@127.0.0.1:{free_port()}/nothing"
-
-
-def settings_for(database_url: str, **changes: object) -> Settings:
-    """Settings pointing at a test database."""
-    return Settings(database_url=database_url).with_overrides(**changes)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 import anyio
 import asyncpg
@@ -15,25 +14,6 @@ from listener.service import Service
 from tests.support.metrics import counted
 from tests.support.users import ledger_counts
 from tests.support.waiting import wait_until
-
-CONSUMER = "listener-test"
-
-
-def settings_for(database_url: str, **overrides: Any) -> Settings:
-    """Settings for an in-process service: free port, no schedule, quick health checks."""
-    values: dict[str, Any] = {
-        "database_url": database_url,
-        "http_port": 0,
-        "reset_schedule": "off",
-        "listener_name": CONSUMER,
-        "probe_interval_seconds": 1.0,
-        "probe_timeout_seconds": 2.0,
-        "reconnect_max_seconds": 0.5,
-        "catchup_interval_seconds": 30.0,
-        "shutdown_timeout_seconds": 5.0,
-    }
-    values.update(overrides)
-    return Settings(**values)
 
 
 @asynccontextmanager

@@ -16,9 +16,9 @@ from tests.integration.bulk_support import (
     bulk_waiting_on_lock,
     row_lock,
     runs,
-    settings_for,
     unreachable_url,
 )
+from tests.support.env import settings_for
 from tests.support.metrics import sample
 from tests.support.users import add_current_users, add_stale_users, carrying_usage
 from tests.support.waiting import wait_until

@@ -18,7 +18,8 @@ from structlog.testing import capture_logs
 
 from listener.metrics import Metrics
 from listener.service import Service
-from tests.integration.listener_support import ready, settings_for, wait_counts_match_ledger
+from tests.integration.listener_support import ready, wait_counts_match_ledger
+from tests.support.env import listener_settings
 from tests.support.metrics import counted
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
@@ -52,7 +53,7 @@ async def test_an_idle_transaction_holding_counting_back_is_measured_and_named(
 ) -> None:
     """The gauge grows while the writer idles, the log names its pid; all counted after."""
     users = await add_stale_users(conn, 4)
-    service = Service(settings_for(database_url), Metrics.fresh(), handle_signals=False)
+    service = Service(listener_settings(database_url), Metrics.fresh(), handle_signals=False)
     # How long a hold may last before the log names it (30 s in production).
     service.ledger.warn_after_seconds = 1.0
     registry = service.metrics.registry

@@ -21,12 +21,8 @@ import pytest
 
 from listener.metrics import Metrics
 from listener.service import Service
-from tests.integration.listener_support import (
-    ready,
-    running,
-    settings_for,
-    wait_counts_match_ledger,
-)
+from tests.integration.listener_support import ready, running, wait_counts_match_ledger
+from tests.support.env import listener_settings
 from tests.support.metrics import Scrape, sample
 from tests.support.recording_server import RecordingServer
 from tests.support.users import add_stale_users, reset_by_trigger
@@ -80,7 +76,7 @@ async def test_a_failing_task_is_reported_and_restarted(
     task: str, database_url: str, alertmanager: RecordingServer
 ) -> None:
     """The task fails: /readyz names it, its gauge drops to 0; it comes back to 1 and 200."""
-    settings = settings_for(
+    settings = listener_settings(
         database_url,
         watchdog_interval_seconds=0.1,
         alertmanager_url=alertmanager.url,
@@ -120,7 +116,9 @@ async def test_a_restarted_watchdog_keeps_moving_its_gauges(
 ) -> None:
     """After a crash the watchdog reads the database again: its gauges do not freeze."""
     metrics = Metrics.fresh()
-    async with running(settings_for(database_url, watchdog_interval_seconds=0.1), metrics) as svc:
+    async with running(
+        listener_settings(database_url, watchdog_interval_seconds=0.1), metrics
+    ) as svc:
         await ready(svc)
         svc.supervisor.fail("watchdog")
         await wait_until(lambda: gauge(metrics, "watchdog") == 0, what="watchdog down")
@@ -138,7 +136,7 @@ async def test_a_restarted_listener_counts_what_happened_while_it_was_down(
 ) -> None:
     """The listener task dies and restarts: resets written meanwhile are counted, once."""
     users = await add_stale_users(conn, 6)
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         service.supervisor.fail("listener")
         await wait_until(lambda: gauge(service.metrics, "listener") == 0, what="listener down")
@@ -151,7 +149,7 @@ async def test_shutdown_is_prompt_while_every_task_is_failing(
     database_url: str, alertmanager: RecordingServer
 ) -> None:
     """Tasks in restart backoff do not delay the exit beyond shutdown_timeout_seconds."""
-    settings = settings_for(
+    settings = listener_settings(
         database_url, alertmanager_url=alertmanager.url, shutdown_timeout_seconds=5.0
     )
     service = Service(settings, Metrics.fresh(), handle_signals=False)

@@ -20,10 +20,10 @@ from structlog.testing import capture_logs
 from listener.assessment import Assessment
 from listener.bulk import run_bulk_reset
 from listener.clock import utc_now
-from listener.config import Settings
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog, run_watchdog
 from tests.support.database import TestServer
+from tests.support.env import settings_for
 from tests.support.metrics import sample
 from tests.support.users import add_current_users, add_stale_users
 
@@ -48,11 +48,6 @@ def clock_at(start: datetime, hours: float) -> Callable[[], datetime]:
     """A listener clock `hours` into the period that then runs with real time."""
     offset = start + timedelta(hours=hours) - utc_now()
     return lambda: utc_now() + offset
-
-
-def settings_for(database_url: str, **changes: object) -> Settings:
-    """Settings for one test's database; defaults to the production grace of 6 h."""
-    return Settings(database_url=database_url).with_overrides(**changes)
 
 
 async def check(database_url: str, metrics: Metrics, clock: Callable[[], datetime]) -> Assessment:

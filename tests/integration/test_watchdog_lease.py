@@ -8,7 +8,7 @@ import pytest
 
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
-from tests.integration.bulk_support import settings_for
+from tests.support.env import settings_for
 from tests.support.metrics import sample
 from tests.support.users import add_stale_users
 from tests.support.waiting import wait_until

@@ -21,13 +21,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from listener.service import Service
-from tests.integration.listener_support import (
-    ready,
-    running,
-    settings_for,
-    wait_counts_match_ledger,
-)
+from tests.integration.listener_support import ready, running, wait_counts_match_ledger
 from tests.pgbouncer.support import DROPPED_NOTIFICATION, running_pgbouncer
+from tests.support.env import listener_settings
 from tests.support.metrics import notifications, sample
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
@@ -50,7 +46,7 @@ async def test_session_mode_delivers_every_doorbell(
     users = await add_stale_users(conn, DOORBELLS)
     async with running_pgbouncer(database_url, tmp_path, pool_mode="session") as bouncer:
         # The periodic catch-up is an hour away: only doorbells can make the counts move.
-        settings = settings_for(bouncer.url_for(database_url), catchup_interval_seconds=3600.0)
+        settings = listener_settings(bouncer.url_for(database_url), catchup_interval_seconds=3600.0)
         async with running(settings) as service:
             await ready(service)
             for user in users:  # one transaction, one doorbell each
@@ -76,7 +72,7 @@ async def test_transaction_mode_is_detected_within_one_probe_interval(
     users = await add_stale_users(conn, DOORBELLS)
     interval, timeout = 2.0, 0.5
     async with running_pgbouncer(database_url, tmp_path, pool_mode="transaction") as bouncer:
-        settings = settings_for(
+        settings = listener_settings(
             bouncer.url_for(database_url),
             probe_interval_seconds=interval,
             probe_timeout_seconds=timeout,
@@ -133,7 +129,7 @@ async def test_session_mode_survives_a_killed_server_connection(
     """Session mode, LISTEN backend killed: reconnects, hears doorbells again, never 'pooled'."""
     users = await add_stale_users(conn, 2)
     async with running_pgbouncer(database_url, tmp_path, pool_mode="session") as bouncer:
-        settings = settings_for(bouncer.url_for(database_url), catchup_interval_seconds=3600.0)
+        settings = listener_settings(bouncer.url_for(database_url), catchup_interval_seconds=3600.0)
         async with running(settings) as service:
             await ready(service)
             await reset_by_trigger(conn, users[:1])

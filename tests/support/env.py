@@ -3,11 +3,16 @@
 `clean_env` is the parent's environment without libpq's PG* variables and without any
 variable the service reads; `cli_env` adds one database for a one-shot command;
 `listener_env` configures `listen` with quick health checks, no schedule and a free port.
+Their in-process twins build `Settings`: `settings_for` (the defaults and one database)
+and `listener_settings` (the same quick checks as `listener_env`).
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from listener.config import Settings
 
 # Every variable listener.config reads (and the *_FILE forms of the secrets).
 SERVICE_VARIABLES = frozenset(
@@ -39,6 +44,19 @@ SERVICE_VARIABLES = frozenset(
 )
 
 
+# A test's listener: no schedule, and quick health checks so trouble shows within seconds.
+QUICK_CHECKS: dict[str, str | float] = {
+    "reset_schedule": "off",
+    "probe_interval_seconds": 1.0,
+    "probe_timeout_seconds": 2.0,
+    "reconnect_max_seconds": 0.5,
+    "catchup_interval_seconds": 30.0,
+    "shutdown_timeout_seconds": 5.0,
+}
+# The cursor name of an in-process test service.
+CONSUMER = "listener-test"
+
+
 def clean_env(**values: str | float) -> dict[str, str]:
     """The inherited environment minus anything that configures the service or libpq."""
     env = {
@@ -64,14 +82,26 @@ def listener_env(database_url: str, *, name: str, **settings: str | float) -> di
         "HTTP_PORT": "0",
         "LOG_FORMAT": "json",
         "LOG_LEVEL": "INFO",
-        "RESET_SCHEDULE": "off",
         "WATCHDOG_INTERVAL_SECONDS": "3600",
-        "PROBE_INTERVAL_SECONDS": "1",
-        "PROBE_TIMEOUT_SECONDS": "2",
-        "RECONNECT_MAX_SECONDS": "0.5",
-        "CATCHUP_INTERVAL_SECONDS": "30",
-        "SHUTDOWN_TIMEOUT_SECONDS": "5",
+        **{key.upper(): value for key, value in QUICK_CHECKS.items()},
         "PYTHONUNBUFFERED": "1",
     }
     values.update(settings)
     return clean_env(**values)
+
+
+def settings_for(database_url: str, **changes: object) -> Settings:
+    """Settings pointing at a test database, the defaults otherwise."""
+    return Settings(database_url=database_url).with_overrides(**changes)
+
+
+def listener_settings(database_url: str, **overrides: Any) -> Settings:
+    """Settings for an in-process service: free port, no schedule, quick health checks."""
+    values: dict[str, Any] = {
+        "database_url": database_url,
+        "http_port": 0,
+        "listener_name": CONSUMER,
+        **QUICK_CHECKS,
+    }
+    values.update(overrides)
+    return Settings(**values)
