@@ -132,12 +132,12 @@ class Process:
         code = self.popen.poll()
         assert code is None, f"{self.name} exited with {code}:\n{self.tail()}"
 
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL after a bound; returns the exit code."""
+    def stop(self, within: float = STOP_SECONDS) -> int | None:
+        """SIGTERM, then SIGKILL after `within` seconds; returns the exit code."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
-                self.popen.wait(timeout=STOP_SECONDS)
+                self.popen.wait(timeout=within)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(timeout=STOP_SECONDS)
