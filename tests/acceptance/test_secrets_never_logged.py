@@ -24,7 +24,7 @@ import pytest
 
 from listener.admin_api import RESET_PATH
 from listener.embedded import free_port
-from tests.integration.bulk_support import bulk_waiting_on_lock, row_lock
+from tests.support.bulk import bulk_waiting_on_lock, row_lock
 from tests.support.cli import run_cli
 from tests.support.database import unique_name
 from tests.support.env import clean_env, listener_env

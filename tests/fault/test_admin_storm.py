@@ -12,7 +12,7 @@ import pytest
 
 from listener.admin_api import RESET_PATH
 from tests.fault.proxy import tcp_proxy
-from tests.integration.bulk_support import bulk_waiting_on_lock, row_lock, runs
+from tests.support.bulk import bulk_waiting_on_lock, row_lock, runs
 from tests.support.env import listener_env
 from tests.support.processes import running_listener
 from tests.support.users import add_stale_users

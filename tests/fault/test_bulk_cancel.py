@@ -9,8 +9,8 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.integration.bulk_support import REPO, bulk_waiting_on_lock, runs
-from tests.support.cli import LISTENER
+from tests.support.bulk import bulk_waiting_on_lock, runs
+from tests.support.cli import LISTENER, REPO
 from tests.support.env import cli_env
 from tests.support.users import carrying_usage
 from tests.support.waiting import wait_until

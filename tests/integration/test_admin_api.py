@@ -17,7 +17,7 @@ from structlog.testing import capture_logs
 from listener.admin_api import RESET_PATH, admin_routes
 from listener.config import Settings
 from listener.metrics import Metrics
-from tests.integration.bulk_support import (
+from tests.support.bulk import (
     BULK_APPLICATION_NAME,
     bulk_waiting_on_lock,
     row_lock,

@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 from listener.admin_api import RESET_PATH, admin_routes
 from listener.config import Settings
 from listener.metrics import Metrics
-from tests.integration.bulk_support import unreachable_url
+from tests.support.bulk import unreachable_url
 from tests.support.metrics import sample
 
 pytestmark = pytest.mark.anyio

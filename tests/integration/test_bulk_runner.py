@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from listener.bulk import BatchProgress, BulkResetError, BulkResult, run_bulk_reset
 from listener.metrics import Metrics
-from tests.integration.bulk_support import (
+from tests.support.bulk import (
     BULK_APPLICATION_NAME,
     bulk_waiting_on_lock,
     row_lock,

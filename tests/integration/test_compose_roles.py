@@ -20,7 +20,7 @@ import asyncpg
 import pytest
 
 from listener.embedded import find_bindir
-from tests.integration.bulk_support import REPO
+from tests.support.cli import REPO
 from tests.support.cli import cli as run
 from tests.support.database import TestServer, run_sync, with_database
 from tests.support.env import cli_env, listener_env

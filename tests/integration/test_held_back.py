@@ -18,9 +18,9 @@ from structlog.testing import capture_logs
 
 from listener.metrics import Metrics
 from listener.service import Service
-from tests.integration.listener_support import ready, wait_counts_match_ledger
 from tests.support.env import listener_settings
 from tests.support.metrics import counted
+from tests.support.service import ready, wait_counts_match_ledger
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 

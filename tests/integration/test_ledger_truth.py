@@ -18,7 +18,7 @@ import listener.migrate as migrate_module
 from listener.bulk import run_bulk_reset
 from listener.migrate import apply_migrations
 from listener.sql import Migration, migrations
-from tests.integration.bulk_support import bulk_waiting_on_lock
+from tests.support.bulk import bulk_waiting_on_lock
 from tests.support.database import TestServer, unique_name
 from tests.support.env import settings_for
 from tests.support.users import LAST_MONTH_28TH, add_user

@@ -12,9 +12,9 @@ import pytest
 from listener.embedded import free_port
 from listener.metrics import Metrics
 from listener.service import Service
-from tests.integration.listener_support import ready, running, wait_counts_match_ledger
 from tests.support.env import CONSUMER, listener_settings
 from tests.support.metrics import counted, sample
+from tests.support.service import ready, running, wait_counts_match_ledger
 from tests.support.users import add_stale_users, ledger_counts, reset_by_bulk, reset_by_trigger
 from tests.support.waiting import wait_until
 

@@ -6,9 +6,9 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.listener_support import force_read, ready, running, wait_counts_match_ledger
 from tests.support.env import listener_settings
 from tests.support.metrics import counted, notifications
+from tests.support.service import force_read, ready, running, wait_counts_match_ledger
 from tests.support.users import (
     add_stale_users,
     ledger_counts,

@@ -9,7 +9,7 @@ import pty
 import asyncpg
 import pytest
 
-from tests.integration.bulk_support import runs, unreachable_url
+from tests.support.bulk import runs, unreachable_url
 from tests.support.cli import cli
 from tests.support.env import cli_env
 from tests.support.users import add_stale_users, carrying_usage

@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from listener.bulk import BulkResult
 from listener.metrics import Metrics
 from listener.schedule import Scheduler, run_schedule
-from tests.integration.bulk_support import bulk_waiting_on_lock, row_lock, runs, unreachable_url
+from tests.support.bulk import bulk_waiting_on_lock, row_lock, runs, unreachable_url
 from tests.support.env import settings_for
 from tests.support.metrics import sample
 from tests.support.users import add_stale_users, carrying_usage

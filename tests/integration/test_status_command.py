@@ -11,7 +11,7 @@ import pytest
 from listener.bulk import run_bulk_reset
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
-from tests.integration.bulk_support import unreachable_url
+from tests.support.bulk import unreachable_url
 from tests.support.cli import cli
 from tests.support.env import cli_env, settings_for
 from tests.support.metrics import sample

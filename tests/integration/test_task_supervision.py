@@ -21,10 +21,10 @@ import pytest
 
 from listener.metrics import Metrics
 from listener.service import Service
-from tests.integration.listener_support import ready, running, wait_counts_match_ledger
 from tests.support.env import listener_settings
 from tests.support.metrics import Scrape, sample
 from tests.support.recording_server import RecordingServer
+from tests.support.service import ready, running, wait_counts_match_ledger
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 

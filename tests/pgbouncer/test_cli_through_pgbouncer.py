@@ -22,8 +22,8 @@ import asyncpg
 import pytest
 
 from listener.bulk import BulkResult, run_bulk_reset
-from tests.integration.bulk_support import bulk_waiting_on_lock, row_lock, runs
 from tests.pgbouncer.support import PgBouncer, PoolMode, running_pgbouncer
+from tests.support.bulk import bulk_waiting_on_lock, row_lock, runs
 from tests.support.cli import cli as run
 from tests.support.env import cli_env, settings_for
 from tests.support.users import add_stale_users, carrying_usage

@@ -21,10 +21,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from listener.service import Service
-from tests.integration.listener_support import ready, running, wait_counts_match_ledger
 from tests.pgbouncer.support import DROPPED_NOTIFICATION, running_pgbouncer
 from tests.support.env import listener_settings
 from tests.support.metrics import notifications, sample
+from tests.support.service import ready, running, wait_counts_match_ledger
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 

@@ -9,6 +9,8 @@
 * `metrics`: one reader of metrics, a /metrics answer (`Scrape`) or an in-process registry.
 * `env`: the environment a child process gets (nothing configures it by accident).
 * `cli`: the one CLI runner, `python -m listener <args>`, blocking or awaited.
+* `bulk`: bulk-run helpers: held row locks, sessions waiting on a lock, the runs table.
+* `service`: the service in the test's own task group, its readiness, counters = ledger.
 * `processes`: the one process harness: any program as a child (`Process`), and the real
   `listen` with its log events, /readyz and /metrics (`running_listener`).
 """

@@ -32,12 +32,11 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.support.cli import LISTENER
+from tests.support.cli import LISTENER, REPO
 from tests.support.metrics import Scrape
 from tests.support.users import ledger_counts
 from tests.support.waiting import wait_until
 
-REPO = Path(__file__).resolve().parents[2]
 PROMETHEUS = Path("/usr/bin/prometheus")
 ALERTMANAGER = Path("/usr/bin/prometheus-alertmanager")
 STOP_SECONDS = 10.0

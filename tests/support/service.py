@@ -1,4 +1,4 @@
-"""Helpers shared by the listener tests: an in-process service, users, ledger truth."""
+"""An in-process service for tests: running in the test's task group, ready, counting right."""
 
 from __future__ import annotations
 

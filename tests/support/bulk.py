@@ -1,10 +1,9 @@
-"""Helpers shared by the bulk-run tests: users in known states, waiting on conditions."""
+"""Helpers shared by the bulk-run tests: held row locks, sessions waiting on a lock, the runs."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from uuid import UUID
 
 import asyncpg
@@ -13,8 +12,6 @@ from listener.embedded import free_port
 
 # Sessions of the runner are tagged so tests can find (and kill) them.
 BULK_APPLICATION_NAME = "token-reset:bulk"
-# Where `python -m listener` runs from in the subprocess tests.
-REPO = Path(__file__).resolve().parents[2]
 
 
 async def bulk_waiting_on_lock(conn: asyncpg.Connection) -> bool:
