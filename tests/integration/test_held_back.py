@@ -8,8 +8,7 @@ visible while it happens: a gauge of how long, and a log line naming the session
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import anyio
 import asyncpg
@@ -18,6 +17,7 @@ from structlog.testing import capture_logs
 
 from listener.metrics import Metrics
 from listener.service import Service
+from tests.support.database import open_transaction
 from tests.support.env import listener_settings
 from tests.support.metrics import counted
 from tests.support.service import ready, wait_counts_match_ledger
@@ -30,22 +30,15 @@ HOLDER_APPLICATION = "held-back-test-app"
 HELD_BACK = "token_reset_ledger_held_back_seconds"
 
 
-@asynccontextmanager
-async def idle_writer(database_url: str, user: object) -> AsyncIterator[asyncpg.Connection]:
+def idle_writer(database_url: str, user: object) -> AbstractAsyncContextManager[asyncpg.Connection]:
     """BEGIN; deduct_tokens(...) on a connection of its own, then idle until the block ends."""
-    holder = await asyncpg.connect(
-        database_url, server_settings={"application_name": HOLDER_APPLICATION}
+    return open_transaction(
+        database_url,
+        "SELECT deduct_tokens($1, 1, 'chat')",
+        user,
+        application_name=HOLDER_APPLICATION,
+        commit=True,
     )
-    try:
-        transaction = holder.transaction()
-        await transaction.start()
-        await holder.fetchval("SELECT deduct_tokens($1, 1, 'chat')", user)
-        try:
-            yield holder
-        finally:
-            await transaction.commit()
-    finally:
-        await holder.close()
 
 
 async def test_an_idle_transaction_holding_counting_back_is_measured_and_named(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -22,7 +22,7 @@ import pytest
 from listener.migrate import apply_migrations
 from listener.sql import migrations, query
 from tests.support.cli import cli
-from tests.support.database import unique_name
+from tests.support.database import open_transaction, sessions_waiting_on_lock, unique_name
 from tests.support.env import cli_env
 from tests.support.waiting import wait_until
 
@@ -66,32 +66,18 @@ def as_role(database_url: str, name: str) -> str:
     return f"{scheme}://{name}@{rest.rpartition('@')[2]}"
 
 
-@asynccontextmanager
-async def holding_the_history(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+def holding_the_history(database_url: str) -> AbstractAsyncContextManager[asyncpg.Connection]:
     """The owner's session in a transaction holding the table lock a migration takes."""
-    holder = await asyncpg.connect(
-        database_url, server_settings={"application_name": "other-migrator"}
+    return open_transaction(
+        database_url,
+        "LOCK TABLE public.token_reset_migrations IN EXCLUSIVE MODE",
+        application_name="other-migrator",
     )
-    try:
-        transaction = holder.transaction()
-        await transaction.start()
-        await holder.execute("LOCK TABLE public.token_reset_migrations IN EXCLUSIVE MODE")
-        try:
-            yield holder
-        finally:
-            await transaction.rollback()
-    finally:
-        await holder.close()
 
 
 async def migrators_waiting(conn: asyncpg.Connection, expected: int) -> bool:
     """True when `expected` migrate sessions of this database are blocked on a lock."""
-    count: int = await conn.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name = $1 AND wait_event_type = 'Lock'",
-        MIGRATE_APP,
-    )
-    return count == expected
+    return await sessions_waiting_on_lock(conn, MIGRATE_APP) == expected
 
 
 async def migrate_cli(

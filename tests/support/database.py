@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -114,6 +114,41 @@ async def make_migrated_template(server: TestServer) -> str:
     """Create and migrate a template database; returns its name."""
     name, _ = await server.migrated_database("tr_template")
     return name
+
+
+@asynccontextmanager
+async def open_transaction(
+    database_url: str,
+    statement: str,
+    *args: object,
+    application_name: str | None = None,
+    commit: bool = False,
+) -> AsyncIterator[asyncpg.Connection]:
+    """A session of its own that ran `statement` in a transaction left open (holding its
+    locks, as a long application transaction would) until the block ends; then rolled
+    back, or committed with `commit`."""
+    settings = {} if application_name is None else {"application_name": application_name}
+    holder = await asyncpg.connect(database_url, server_settings=settings)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute(statement, *args)
+        try:
+            yield holder
+        finally:
+            await (transaction.commit() if commit else transaction.rollback())
+    finally:
+        await holder.close()
+
+
+async def sessions_waiting_on_lock(conn: asyncpg.Connection, application_name: str) -> int:
+    """How many sessions of this database with that application_name wait on a lock."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = $1 AND wait_event_type = 'Lock'",
+        application_name,
+    )
+    return count
 
 
 def run_sync(coro_fn, *args):  # type: ignore[no-untyped-def]
