@@ -40,9 +40,9 @@ from bench.common import (
     rotated,
     summary,
     timed,
-    unique_name,
 )
 from listener.sql import query
+from tests.support.database import unique_name
 
 NAME = "bulk_reset"
 TARGET_FUNCTION_OVER_MINIMAL = 1.5

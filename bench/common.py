@@ -16,18 +16,16 @@ import platform
 import signal
 import statistics
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from listener.embedded import EmbeddedPostgres, find_bindir, private_data_root
-from listener.migrate import apply_migrations
+from tests.support.database import TestServer
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -56,67 +54,11 @@ REPORTED_SETTINGS = (
 )
 
 
-def with_database(url: str, database: str) -> str:
-    """The same server URL pointing at another database."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + database, parts.query, parts.fragment))
-
-
-def unique_name(prefix: str) -> str:
-    """A database name no other run uses."""
-    return f"{prefix}_{uuid.uuid4().hex[:10]}"
-
-
 @dataclass
-class BenchServer:
-    """A server on which the benchmark may create, clone and drop databases."""
+class BenchServer(TestServer):
+    """The tests' server class, cloning by file copy, with what a benchmark reports."""
 
-    admin_url: str
-    embedded: EmbeddedPostgres | None = None
-
-    async def admin(self) -> asyncpg.Connection:
-        """A connection to the maintenance database."""
-        conn: asyncpg.Connection = await asyncpg.connect(self.admin_url)
-        return conn
-
-    def url(self, database: str) -> str:
-        """URL of one database on this server."""
-        return with_database(self.admin_url, database)
-
-    async def create_database(self, name: str, template: str | None = None) -> str:
-        """Create a database, optionally a file copy of a template; returns its URL."""
-        conn = await self.admin()
-        try:
-            clause = ""
-            if template is not None:
-                clause = f" TEMPLATE {template}"
-                # FILE_COPY copies the files (and checkpoints) instead of WAL-logging
-                # every page: a 1M-row clone costs seconds, not a WAL flood.
-                if conn.get_server_version().major >= 15:
-                    clause += " STRATEGY FILE_COPY"
-            await conn.execute(f"CREATE DATABASE {name}{clause}")
-        finally:
-            await conn.close()
-        return self.url(name)
-
-    async def drop_database(self, name: str) -> None:
-        """Drop a database even if a connection still holds it."""
-        conn = await self.admin()
-        try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await conn.close()
-
-    async def migrated_database(self, prefix: str) -> tuple[str, str]:
-        """A new database with every migration applied; returns (name, url)."""
-        name = unique_name(prefix)
-        url = await self.create_database(name)
-        conn = await asyncpg.connect(url)
-        try:
-            await apply_migrations(conn)
-        finally:
-            await conn.close()
-        return name, url
+    file_copy: bool = True
 
     async def describe(self) -> dict[str, str]:
         """The server settings that decide write cost, for the results file."""

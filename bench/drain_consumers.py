@@ -26,7 +26,8 @@ from listener.connection import DoorbellBuffer, ListenConnection
 from listener.ledger import Ledger
 from listener.metrics import Metrics
 from listener.payload import CHANNEL
-from listener.service import Processor, ServiceState
+from listener.processor import Processor
+from listener.service import ServiceState
 
 if TYPE_CHECKING:
     import asyncpg_listen

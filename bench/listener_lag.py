@@ -57,7 +57,6 @@ from bench.common import (
     machine,
     print_table,
     rotated,
-    unique_name,
     write_results,
 )
 from listener.config import Settings
@@ -65,6 +64,7 @@ from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.logs import configure_logging
 from listener.payload import CHANNEL
 from listener.service import Service
+from tests.support.database import unique_name
 
 NAME = "listener_lag"
 CONTENDERS = ("listener", "bare")

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     BenchServer,
@@ -45,10 +42,12 @@ from bench.common import (
     print_table,
     publish,
     summary,
-    unique_name,
 )
 from bench.listener_drain import ADVANCE_LEDGER_IDS, notify_burst
 from listener.embedded import free_port
+from tests.support.database import unique_name
+from tests.support.metrics import Scrape
+from tests.support.processes import Process, memory_kib
 
 NAME = "listener_memory"
 TARGET_GROWTH_MB = 20.0
@@ -72,22 +71,11 @@ BULK_RESET = "CALL token_reset_bulk_committing(10000)"
 LISTEN_COMMAND = (sys.executable, "-m", "listener", "listen", "--no-schedule")
 
 
-def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak RSS) of a process, in kB, from /proc/<pid>/status."""
-    found: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="utf-8").splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            found[key] = int(value.split()[0])
-    return found
-
-
-class ListenerProcess:
-    """The real service as a child process, with its /metrics scraped over HTTP."""
+class ListenerProcess(Process):
+    """The real service as a child process (the tests' Process), its /metrics read over HTTP."""
 
     def __init__(self, url: str, workdir: Path) -> None:
         self.port = free_port()
-        self.log_path = workdir / "listener.log"
         self.peak_kb = 0
         env = {
             **os.environ,
@@ -96,14 +84,8 @@ class ListenerProcess:
             "LISTENER_NAME": "bench-memory",
             "PYTHONPATH": str(ROOT),
         }
-        with open(self.log_path, "w", encoding="utf-8") as log:
-            self.process = subprocess.Popen(
-                [*LISTEN_COMMAND, "--http-port", str(self.port)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
+        argv = [*LISTEN_COMMAND, "--http-port", str(self.port)]
+        super().__init__("listener", argv, workdir, env, cwd=ROOT)
 
     def get(self, path: str) -> tuple[int, str]:
         """(status, body) of a GET on the service's port."""
@@ -120,47 +102,32 @@ class ListenerProcess:
         status, body = self.get("/metrics")
         if status != 200:
             raise RuntimeError(f"/metrics answered {status}")
-        found = {"users": 0.0}
-        for family in text_string_to_metric_families(body):
-            for sample in family.samples:
-                if sample.name == "token_reset_users_total":
-                    found["users"] += sample.value
-                elif sample.name == "token_reset_notifications_total":
-                    found[sample.labels["outcome"]] = sample.value
+        scrape = Scrape.parse(body)
+        found = {
+            "users": scrape.total("token_reset_users_total"),
+            **scrape.by_label("token_reset_notifications_total", "outcome"),
+        }
         found["accounted"] = sum(found.get(k, 0.0) for k in ("ok", "malformed", "overflow"))
         return found
 
     def memory(self) -> dict[str, int]:
         """VmRSS/VmHWM of the listener process (VmHWM at least every RSS sampled)."""
-        found = memory_kb(self.process.pid)
+        rss, peak = memory_kib(self.pid)
         # The kernel updates VmHWM lazily; the samples taken while waiting fill the gap.
-        self.peak_kb = max(self.peak_kb, found["VmRSS"], found["VmHWM"])
-        found["VmHWM"] = self.peak_kb
-        return found
+        self.peak_kb = max(self.peak_kb, rss, peak)
+        return {"VmRSS": rss, "VmHWM": self.peak_kb}
 
     async def wait(self, check: Callable[[], bool], seconds: float, what: str) -> float:
         """Poll `check` until true (deadline `seconds`); returns how long it took."""
         started = time.monotonic()
         while not check():
-            if self.process.poll() is not None:
-                tail = self.log_path.read_text(encoding="utf-8")[-2000:]
-                raise RuntimeError(f"listener exited ({self.process.returncode}):\n{tail}")
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"listener exited ({self.popen.returncode}):\n{self.tail()}")
             if time.monotonic() - started > seconds:
                 raise TimeoutError(f"{what}: not within {seconds:g}s")
             self.memory()
             await asyncio.sleep(0.05)
         return time.monotonic() - started
-
-    def stop(self, within: float = 20.0) -> int:
-        """SIGTERM and wait; kill if it overstays."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=within)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=5)
-            return -9
 
 
 async def prepare_template(server: BenchServer, users: int, doorbells: int) -> str:
@@ -214,7 +181,7 @@ async def repetition(url: str, doorbells: int, resets: int, workdir: Path) -> di
         final = listener.metrics()
     finally:
         await conn.close()
-        code = listener.stop()
+        code = listener.stop(within=20.0)
     if code != 0:
         raise RuntimeError(f"listener exited {code} on SIGTERM")
     if final["users"] != WARM_RESETS + resets:

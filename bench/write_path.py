@@ -44,9 +44,9 @@ from bench.common import (
     rotated,
     server_cpu_seconds,
     summary,
-    unique_name,
     unreaped_children,
 )
+from tests.support.database import unique_name
 
 NAME = "write_path"
 TARGET_DEDUCT_OVER_BARE = 0.5

@@ -36,7 +36,7 @@ _NO_STORE = {"Cache-Control": "no-store"}
 _CHALLENGE = {**_NO_STORE, "WWW-Authenticate": 'Bearer realm="token-reset"'}
 REFUSAL_LOG_INTERVAL_SECONDS = 10.0
 
-log = structlog.get_logger("listener.admin_api")
+log = structlog.get_logger(__name__)
 
 
 def bearer_token(values: Sequence[str]) -> str | None:

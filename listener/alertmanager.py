@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import anyio
 import httpx
 import structlog
 
-if TYPE_CHECKING:
-    from listener.watchdog import Assessment
+from listener.assessment import Assessment
+
+log = structlog.get_logger(__name__)
 
 ALERT_NAME: Final = "TokenResetMissedMonth"
 ALERT_LABELS: Final = {"alertname": ALERT_NAME, "severity": "page", "service": "token-reset"}
@@ -104,7 +105,6 @@ class AlertmanagerPusher:
         self._pending: Alerts | None = None
         self._current: dict[str, Any] | None = None
         self._wake = anyio.Event()
-        self._log = structlog.get_logger(__name__)
 
     def fire(
         self, assessment: Assessment, *, starts_at: datetime, now: datetime, interval_seconds: float
@@ -158,19 +158,19 @@ class AlertmanagerPusher:
         if response.is_error:
             return self._failed("HTTPStatus", f"{response.status_code} {response.text[:200]}")
         if self._streak:
-            self._log.info(
+            log.info(
                 "alertmanager_push_recovered", target=self.target, failed_attempts=self._streak
             )
         self._streak = 0
         self.sent += 1
-        self._log.debug("alertmanager_pushed", target=self.target, ends_at=alerts[0]["endsAt"])
+        log.debug("alertmanager_pushed", target=self.target, ends_at=alerts[0]["endsAt"])
         return True
 
     def _failed(self, error_type: str, error: str) -> bool:
         self.failures += 1
         self._streak += 1
-        log = self._log.warning if self._streak == 1 else self._log.debug
-        log(
+        report = log.warning if self._streak == 1 else log.debug
+        report(
             "alertmanager_push_failed",
             target=self.target,
             error_type=error_type,

@@ -33,6 +33,7 @@ import asyncpg
 import structlog
 from asyncpg.transaction import Transaction
 
+from listener.clock import iso
 from listener.config import Settings
 from listener.connection import Backoff, enable_keepalive
 from listener.database import ConnectTimeout, connect
@@ -53,7 +54,7 @@ RETRY_CAP_SECONDS = 2.0
 HOLDER_GRACE_SECONDS = 2.0
 HOLDER_POLL_SECONDS = 0.05
 
-log = structlog.get_logger("listener.bulk")
+log = structlog.get_logger(__name__)
 
 
 class BulkResetError(RuntimeError):
@@ -361,7 +362,7 @@ async def run_bulk_reset(
         raise ValueError(f"batch size must be positive, got {size}")
     run = _Run(settings, source, size, slot, on_batch)
     bound = log.bind(run_id=str(run.run_id), source=source)
-    bound.info("bulk_reset_started", batch_size=size, slot=_iso(slot))
+    bound.info("bulk_reset_started", batch_size=size, slot=iso(slot))
     locking = _Connections(settings)
     try:
         # The kernel notices a dead peer (keepalive on both connections); the deadline
@@ -375,7 +376,7 @@ async def run_bulk_reset(
         bound.warning("bulk_reset_finished", **run.fields(), outcome="failure", error="cancelled")
         raise
     except Exception as exc:
-        message = _describe(exc)
+        message = _failure_cause(exc)
         with anyio.CancelScope(shield=True):
             await run.after_failure(locking, message)
         _count(metrics, "failure")
@@ -462,7 +463,7 @@ class _Connections:
                 conn.terminate()
 
 
-def _describe(exc: BaseException) -> str:
+def _failure_cause(exc: BaseException) -> str:
     """A one-line cause for logs, the run row, the CLI and the HTTP body (no stack, no DSN)."""
     if isinstance(exc, ConnectTimeout):
         text = str(exc)  # host:port and the timeout
@@ -483,7 +484,3 @@ def _describe(exc: BaseException) -> str:
 def _count(metrics: Metrics | None, outcome: str) -> None:
     if metrics is not None:
         metrics.bulk_runs.labels(outcome=outcome).inc()
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()

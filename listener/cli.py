@@ -1,9 +1,10 @@
 """The `token-reset` command line: listen, migrate, reset, status, notify, demo.
 
 Configuration comes from the environment (see listener.config); flags override it.
-Each subcommand's work lives in its own module as ``async def command(settings, args)``;
-this module only parses, sets up logging, owns the optional embedded server, and turns
-configuration errors into one clear line and a non-zero exit.
+Each subcommand's work lives in its own module, listener/commands/<verb>.py, as
+``async def command(settings, args)`` (the table COMMANDS); this module only parses,
+sets up logging, owns the optional embedded server, and turns configuration errors
+into one clear line and a non-zero exit.
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, cast
+from typing import Final, NoReturn, cast
 
 import anyio
 
 from listener import __version__
 from listener.config import (
+    LOG_FORMATS,
     ConfigError,
     Settings,
     batch_size,
@@ -36,17 +39,30 @@ from listener.logs import configure_logging
 
 CommandFn = Callable[[Settings, argparse.Namespace], Awaitable[int]]
 
-# subcommand -> module holding its `command` coroutine
-_COMMANDS = {
-    "listen": "listener.service",
-    "migrate": "listener.migrate_command",
-    "reset": "listener.bulk_command",
-    "status": "listener.status",
-    "notify": "listener.notices",
-    "demo": "listener.demo",
+
+@dataclass(frozen=True)
+class Command:
+    """How the CLI runs one verb; its work lives in listener/commands/<verb>.py."""
+
+    # Refuses to run without a configured database (no silent fallback).
+    needs_database: bool
+    # The service and the demo log to stdout; one-shot commands print their result
+    # there, so their logs go to stderr and a script can parse the result.
+    logs_to_stdout: bool = False
+
+    def module(self, verb: str) -> str:
+        """The module holding the verb's `command` coroutine (imported only when run)."""
+        return f"listener.commands.{verb}"
+
+
+COMMANDS: Final[Mapping[str, Command]] = {
+    "listen": Command(needs_database=True, logs_to_stdout=True),
+    "migrate": Command(needs_database=True),
+    "reset": Command(needs_database=True),
+    "status": Command(needs_database=True),
+    "notify": Command(needs_database=False),
+    "demo": Command(needs_database=False, logs_to_stdout=True),
 }
-# Commands that refuse to run without a configured database (no silent fallback).
-_NEEDS_DATABASE = {"listen", "migrate", "reset", "status"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=flag(database_url, "--database-url"),
             help="PostgreSQL URL (default: $DATABASE_URL / PG*)",
         )
-        p.add_argument("--log-format", choices=["json", "console"], help="default: $LOG_FORMAT")
+        p.add_argument("--log-format", choices=LOG_FORMATS, help="default: $LOG_FORMAT")
         p.add_argument(
             "--log-level", type=flag(log_level, "--log-level"), help="default: $LOG_LEVEL or INFO"
         )
@@ -169,20 +185,19 @@ def _maybe_embedded(args: argparse.Namespace, settings: Settings) -> Iterator[Se
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    spec = COMMANDS[args.command]
     try:
         settings = settings_from(args)
-        if args.command in _NEEDS_DATABASE and not getattr(args, "embedded", False):
+        if spec.needs_database and not getattr(args, "embedded", False):
             settings.require_database()
         if args.command == "listen":
             settings.validate_cron_secret()
     except ConfigError as exc:
         print(f"token-reset: error: {exc}", file=sys.stderr)
         return 2
-    # One-shot commands print their result on stdout; their logs go to stderr so a
-    # script can parse the result.  The service and the demo log to stdout.
-    log_stream = sys.stdout if args.command in ("listen", "demo") else sys.stderr
+    log_stream = sys.stdout if spec.logs_to_stdout else sys.stderr
     configure_logging(settings.log_format, settings.log_level, stream=log_stream)
-    module = importlib.import_module(_COMMANDS[args.command])
+    module = importlib.import_module(spec.module(args.command))
     command = cast(CommandFn, module.command)
     try:
         with _maybe_embedded(args, settings) as effective:

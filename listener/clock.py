@@ -11,3 +11,8 @@ Clock = Callable[[], datetime]
 def utc_now() -> datetime:
     """The wall clock, timezone-aware UTC."""
     return datetime.now(UTC)
+
+
+def iso(moment: datetime | None) -> str | None:
+    """ISO-8601 text of an instant, None for none (JSON fields, log fields)."""
+    return None if moment is None else moment.isoformat()

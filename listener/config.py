@@ -13,7 +13,7 @@ import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, TypedDict, TypeVar, Unpack, cast
+from typing import Any, Final, Literal, TypedDict, TypeVar, Unpack, get_args
 
 from listener.destinations import DestinationError, load_destinations, split_urls
 from listener.dsn import REDACTED, check_dsn, redact_dsn, redact_url
@@ -21,6 +21,7 @@ from listener.secret_files import with_secret_files
 from listener.slots import DEFAULT_SCHEDULE, ScheduleSpec, parse_schedule
 
 LogFormat = Literal["json", "console"]
+LOG_FORMATS: Final[tuple[LogFormat, ...]] = get_args(LogFormat)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # A bearer secret shorter than this is guessable online; refused at start-up.
 MIN_CRON_SECRET_LENGTH = 16
@@ -245,9 +246,9 @@ def log_level(value: str, name: str = "LOG_LEVEL") -> str:
 def log_format(value: str, name: str = "LOG_FORMAT") -> LogFormat:
     """json or console, any case."""
     chosen = value.strip().lower()
-    if chosen not in ("json", "console"):
+    if chosen not in LOG_FORMATS:
         raise ConfigError(f"{name} must be 'json' or 'console', got {value!r}")
-    return cast(LogFormat, chosen)
+    return chosen
 
 
 def reset_schedule(value: str, name: str = "RESET_SCHEDULE") -> str:

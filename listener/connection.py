@@ -40,7 +40,7 @@ from listener.metrics import Metrics
 from listener.payload import CHANNEL, new_nonce, probe_payload
 from listener.sql import query
 
-log = structlog.get_logger("listener.connection")
+log = structlog.get_logger(__name__)
 
 # Kernel keepalive: first probe after 30 s idle, then every 10 s, dead after 3 misses;
 # unacknowledged writes fail after 60 s.  The NOTIFY probe usually notices first.

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import structlog
 
-log = structlog.get_logger("listener.embedded")
+log = structlog.get_logger(__name__)
 
 SYSTEM_USER = "tokenreset"
 # Users that may already exist to run PostgreSQL, in order of preference: ours, then

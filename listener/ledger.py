@@ -45,7 +45,7 @@ import structlog
 from listener.metrics import RESET_SOURCES, Metrics
 from listener.sql import query
 
-log = structlog.get_logger("listener.ledger")
+log = structlog.get_logger(__name__)
 
 WINDOW_IDS: Final = 50_000
 # A horizon held back this long by one open transaction is worth an operator's look.

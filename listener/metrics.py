@@ -8,7 +8,7 @@ has them, a private one must add them) and token_reset_build_info{version}.
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final, Literal, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -31,11 +31,12 @@ NoticeOutcome = Literal["sent", "failure"]
 # The service's supervised long-running tasks (listener.supervisor).
 TaskName = Literal["listener", "watchdog", "schedule", "alertmanager", "http", "notices"]
 
-RESET_SOURCES: Final = ("trigger", "bulk", "function")
-NOTIFICATION_OUTCOMES: Final = ("ok", "malformed", "probe", "overflow")
-BULK_OUTCOMES: Final = ("success", "failure", "skipped")
-NOTICE_OUTCOMES: Final = ("sent", "failure")
-TASKS: Final = ("listener", "watchdog", "schedule", "alertmanager", "http", "notices")
+# The label values, in the order of their Literal (one definition each).
+RESET_SOURCES: Final[tuple[str, ...]] = get_args(ResetSource)
+NOTIFICATION_OUTCOMES: Final[tuple[str, ...]] = get_args(NotificationOutcome)
+BULK_OUTCOMES: Final[tuple[str, ...]] = get_args(BulkOutcome)
+NOTICE_OUTCOMES: Final[tuple[str, ...]] = get_args(NoticeOutcome)
+TASKS: Final[tuple[str, ...]] = get_args(TaskName)
 # Commit-to-metric lag: sub-millisecond when healthy, minutes after an outage.
 LAG_BUCKETS: Final = (
     0.001,

@@ -21,7 +21,7 @@ import structlog
 from listener.config import DEFAULT_MIGRATE_LOCK_TIMEOUT_SECONDS
 from listener.sql import Migration, migrations, query
 
-log = structlog.get_logger("listener.migrate")
+log = structlog.get_logger(__name__)
 
 # The first migration whose settings and privileges are derived by functions of its own,
 # and the first with a partitioned ledger.
@@ -145,13 +145,13 @@ class _HistoryLock:
             raise MigrationLockTimeout(
                 f"another session held the migration lock (public.token_reset_migrations) "
                 f"for more than {self.timeout_seconds:g} s (MIGRATE_LOCK_TIMEOUT_SECONDS): "
-                f"{_describe(holders)}; end that session or raise the timeout"
+                f"{_describe_holders(holders)}; end that session or raise the timeout"
             ) from None
         # The migration's own statements keep the session's lock_timeout.
         await conn.execute(query("migration_lock_timeout_set"), previous)
 
 
-def _describe(holders: list[dict[str, Any]]) -> str:
+def _describe_holders(holders: list[dict[str, Any]]) -> str:
     if not holders:
         return "holder not visible"
     return ", ".join(

@@ -29,11 +29,9 @@ Sends run in a worker thread (apprise is synchronous) inside the service's super
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import random
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -42,7 +40,7 @@ import anyio
 import asyncpg
 import structlog
 
-from listener.clock import Clock, utc_now
+from listener.clock import Clock, iso, utc_now
 from listener.config import Settings
 from listener.database import connect
 from listener.destinations import (
@@ -64,7 +62,7 @@ RETRY_CAP_SECONDS: Final = 3600.0
 DB_TIMEOUT_SECONDS: Final = 10.0
 SOURCES: Final = ("bulk", "trigger", "function")
 
-log = structlog.get_logger("listener.notices")
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,7 @@ class Facts:
                 "observed_at": self.observed_at.isoformat(),
                 "stale_users": self.stale_users,
                 "resets_by_source": self.resets_by_source,
-                "last_reset_at": _iso(self.last_reset_at),
+                "last_reset_at": iso(self.last_reset_at),
                 "bulk_runs": self.bulk_runs,
                 "bulk_batches": self.bulk_batches,
                 "seconds_into_period": self.seconds_into_period,
@@ -173,10 +171,6 @@ def duration(seconds: float) -> str:
     if minutes:
         return f"{minutes} min {secs} s"
     return f"{secs} s"
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
 
 
 def _utc(moment: datetime) -> str:
@@ -347,16 +341,7 @@ class Notifier:
         )
         if attempt is None:
             return  # sent already, leased to a live replica, or waiting for its retry time
-        result: SendResult = await anyio.to_thread.run_sync(
-            functools.partial(
-                send,
-                destination,
-                title=message.title,
-                body=message.body,
-                notice_type=message.notice_type,
-            ),
-            abandon_on_cancel=True,
-        )
+        result = await deliver(destination, message)
         fields = {"period": period, "kind": kind, "destination": destination.label}
         if result.ok:
             self.metrics.notices.labels(outcome="sent").inc()
@@ -410,6 +395,20 @@ SAMPLE = Facts(
 )
 
 
+async def deliver(destination: Destination, message: Message) -> SendResult:
+    """Send one message to one destination in a worker thread (apprise blocks)."""
+    return await anyio.to_thread.run_sync(
+        functools.partial(
+            send,
+            destination,
+            title=message.title,
+            body=message.body,
+            notice_type=message.notice_type,
+        ),
+        abandon_on_cancel=True,
+    )
+
+
 def sample_message() -> Message:
     """What `notify --test` sends: a sample 'complete' notice, marked as a test."""
     sample = render("complete", SAMPLE, grace_seconds=21600)
@@ -419,30 +418,3 @@ def sample_message() -> Message:
         "sample.\n\n" + sample.body,
         "info",
     )
-
-
-async def command(settings: Settings, args: argparse.Namespace) -> int:
-    """`token-reset notify --test`: one line per destination, 0 when all were delivered."""
-    destinations = load_destinations(settings.notice_urls)
-    if not destinations:
-        print("token-reset: error: NOTICE_URLS is not set: no destination to test", file=sys.stderr)
-        return 2
-    message = sample_message()
-    failures = 0
-    for destination in destinations:
-        result = await anyio.to_thread.run_sync(
-            functools.partial(
-                send,
-                destination,
-                title=message.title,
-                body=message.body,
-                notice_type=message.notice_type,
-            ),
-            abandon_on_cancel=True,
-        )
-        if result.ok:
-            print(f"{destination.label}: ok")
-        else:
-            failures += 1
-            print(f"{destination.label}: FAILED: {result.reason}")
-    return 0 if failures == 0 else 1

@@ -46,7 +46,7 @@ ZONE_REFRESH_SECONDS = 300.0
 _STATE_TIMEOUT_SECONDS = 10.0
 _DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
-log = structlog.get_logger("listener.schedule")
+log = structlog.get_logger(__name__)
 
 
 def _zone(name: str) -> ZoneInfo:

@@ -16,7 +16,6 @@ A database that is down at start is retried forever with backoff (/readyz says
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import signal
 from collections.abc import Awaitable, Callable
@@ -38,16 +37,16 @@ from listener.connection import (
     ProbeResult,
 )
 from listener.database import DEFAULT_CONNECT_TIMEOUT_SECONDS
-from listener.http import create_app, run_http
-from listener.ledger import CatchUp, Ledger
+from listener.http_app import create_app, run_http
+from listener.ledger import Ledger
 from listener.metrics import Metrics
 from listener.notices import Notifier
-from listener.payload import Doorbell, Malformed, Probe, parse_payload
+from listener.processor import Fail, Processor
 from listener.schedule import Scheduler, run_schedule
-from listener.supervisor import Startable, Supervisor, started_at_once
+from listener.supervisor import Startable, Supervisor, describe_error, started_at_once
 from listener.watchdog import Watchdog
 
-log = structlog.get_logger("listener.service")
+log = structlog.get_logger(__name__)
 
 # While reconnecting, log the 1st attempt, every Nth, and whenever the error changes.
 RECONNECT_LOG_EVERY = 10
@@ -61,15 +60,6 @@ SESSION_ERRORS = (
     asyncpg.InternalClientError,
     ProbeFailed,
 )
-
-# While the horizon waits for open ledger writers, re-check this soon, backing off.
-FOLLOW_UP_MIN_SECONDS = 0.005
-FOLLOW_UP_MAX_SECONDS = 1.0
-# A flood of bad payloads gets one warning per interval, with a count of the rest.
-MALFORMED_LOG_INTERVAL_SECONDS = 1.0
-
-# Ends a session: (error kind, reason).
-Fail = Callable[[str, str], None]
 
 
 @dataclass
@@ -240,7 +230,7 @@ class Service:
             )
         except Exception as exc:
             _log_unexpected(exc)
-            return False, type(exc).__name__, _describe(exc)
+            return False, type(exc).__name__, describe_error(exc)
         failure: list[tuple[str, str]] = []
         connected = False
         try:
@@ -263,7 +253,7 @@ class Service:
                 group.start_soon(_supervised, processor.run, listen, fail)
         except Exception as exc:
             _log_unexpected(exc)
-            failure.append((type(exc).__name__, _describe(exc)))
+            failure.append((type(exc).__name__, describe_error(exc)))
         finally:
             kind, reason = failure[0] if failure else ("Shutdown", "shutting down")
             await self._disconnected(listen, connected, reason)
@@ -372,114 +362,10 @@ async def _supervised(
         await task(listen, fail)
     except Exception as exc:
         _log_unexpected(exc)
-        fail(type(exc).__name__, _describe(exc))
+        fail(type(exc).__name__, describe_error(exc))
 
 
 def _log_unexpected(exc: Exception) -> None:
     """Connection trouble is routine (the reconnect logs it); anything else is a bug."""
     if not isinstance(exc, SESSION_ERRORS):
         log.error("listener_task_failed", exc_info=exc)
-
-
-class Processor:
-    """One session's processing task: doorbells and timers become ledger catch-ups."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        ledger: Ledger,
-        buffer: DoorbellBuffer,
-        metrics: Metrics,
-        state: ServiceState,
-    ) -> None:
-        self.settings = settings
-        self.ledger = ledger
-        self.buffer = buffer
-        self.metrics = metrics
-        self.state = state
-        self._warned_at = float("-inf")
-        self._suppressed = 0
-
-    async def run(self, listen: ListenConnection, fail: Fail) -> None:
-        """Process until the connection fails (the error ends the session)."""
-        interval = self.settings.catchup_interval_seconds
-        next_periodic = anyio.current_time() + interval
-        follow_up: float | None = None
-        target: int | None = None
-        while True:
-            now = anyio.current_time()
-            deadline = next_periodic if follow_up is None else min(next_periodic, now + follow_up)
-            doorbells, rang = self._sort(await self.buffer.collect(deadline - now))
-            requested = self.buffer.take_catch_up_request()
-            if not (rang or requested or anyio.current_time() >= deadline):
-                continue
-            result: CatchUp | None = None
-            try:
-                result = await self.ledger.catch_up(
-                    listen.conn, lock=listen.lock, more_coming=self.buffer.waiting
-                )
-            finally:
-                self._classify(doorbells, None if result is None else result.allocated)
-            next_periodic = anyio.current_time() + interval
-            if result.pending:
-                follow_up = min(FOLLOW_UP_MAX_SECONDS, 2 * (follow_up or FOLLOW_UP_MIN_SECONDS / 2))
-            else:
-                follow_up = None
-            if target is None:
-                target = result.allocated
-            if not self.state.caught_up and result.cursor >= target:
-                self.state.caught_up = True
-                log.info("listener_caught_up", cursor=result.cursor, rows=result.rows)
-
-    def _sort(self, payloads: list[str]) -> tuple[list[Doorbell], bool]:
-        """Count probes and malformed payloads; return the doorbells, and whether to read."""
-        doorbells: list[Doorbell] = []
-        rang = False
-        for raw in payloads:
-            match parse_payload(raw):
-                case Probe():
-                    self.metrics.notifications.labels(outcome="probe").inc()
-                case Malformed(reason=reason, size=size):
-                    # Something rang: a harmless read costs less than guessing it was noise.
-                    rang = True
-                    self.metrics.notifications.labels(outcome="malformed").inc()
-                    self._warn_malformed(reason, size=size)
-                case Doorbell() as doorbell:
-                    rang = True
-                    doorbells.append(doorbell)
-        return doorbells, rang
-
-    def _classify(self, doorbells: list[Doorbell], allocated: int | None) -> None:
-        """A doorbell naming ids the ledger never handed out is forged; count it so."""
-        ok = 0
-        for doorbell in doorbells:
-            if allocated is not None and doorbell.last_id > allocated:
-                self.metrics.notifications.labels(outcome="malformed").inc()
-                self._warn_malformed(
-                    "announces ids the ledger has not handed out",
-                    last_id=doorbell.last_id,
-                    allocated=allocated,
-                )
-            else:
-                ok += 1
-        if ok:
-            self.metrics.notifications.labels(outcome="ok").inc(ok)
-
-    def _warn_malformed(self, reason: str, **fields: object) -> None:
-        now = anyio.current_time()
-        if now - self._warned_at < MALFORMED_LOG_INTERVAL_SECONDS:
-            self._suppressed += 1
-            return
-        log.warning("notification_malformed", reason=reason, suppressed=self._suppressed, **fields)
-        self._warned_at = now
-        self._suppressed = 0
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-async def command(settings: Settings, args: argparse.Namespace) -> int:
-    """`token-reset listen`: serve until SIGTERM/SIGINT; 0 on an orderly stop."""
-    return await Service(settings).run()

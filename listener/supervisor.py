@@ -34,7 +34,7 @@ from anyio.abc import TaskStatus
 from listener.connection import Backoff
 from listener.metrics import Metrics, TaskName
 
-log = structlog.get_logger("listener.supervisor")
+log = structlog.get_logger(__name__)
 
 # A start that lived this long was healthy: the next failure backs off from the start.
 STABLE_SECONDS: Final = 60.0
@@ -110,7 +110,7 @@ class Supervisor:
             except Exception as exc:
                 if first and name in self.down:  # never came up: fatal, not restarted
                     raise
-                reason = _describe(exc)
+                reason = describe_error(_innermost(exc))
                 log.exception("task_failed", task=name, error=reason)
             else:
                 reason = "returned unexpectedly"
@@ -169,9 +169,14 @@ async def _tripwire(name: str, fault: anyio.Event) -> None:
     raise InjectedFault(f"injected failure of task {name}")
 
 
-def _describe(exc: BaseException) -> str:
-    """One line for /readyz and the log: the innermost error of a (nested) group."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+def describe_error(exc: BaseException) -> str:
+    """One line for /readyz and the log: the error's type and its message's first line."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The one error inside a (nested) group of one, or the error itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

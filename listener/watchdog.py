@@ -2,127 +2,37 @@
 
 Every WATCHDOG_INTERVAL_SECONDS one query (sql/queries/watchdog.sql) reads the facts
 (stale users, resets recorded this period, the newest reset, whether last period had
-usage) and a pure function, `assess`, judges them.  The period's boundaries come from
-the database (its clock and configured zone), while "how far into the period are we"
-comes from the listener's injectable clock, so a test can say "7 h into the month"
-without faking the database's time.  Because the facts live in the database, a
+usage) and a pure function, `assess` (listener.assessment), judges them.  The period's
+boundaries come from the database (its clock and configured zone), while "how far into
+the period are we" comes from the listener's injectable clock, so a test can say "7 h
+into the month" without faking the database's time.  Because the facts live in the database, a
 restart neither raises nor hides the alert, and every replica gives the same answer.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
 import anyio
 import asyncpg
 import structlog
 
 from listener.alertmanager import AlertmanagerPusher
-from listener.clock import Clock, utc_now
+from listener.assessment import Assessment, Snapshot, assess
+from listener.clock import Clock, iso, utc_now
 from listener.config import Settings
 from listener.database import connect
 from listener.metrics import Metrics
 from listener.sql import query
 
-Reason = Literal["stale_users", "no_resets"]
+log = structlog.get_logger(__name__)
+
 Transition = Literal["raised", "cleared"]
 # A check that takes longer than this is treated like an unreachable database.
 DB_TIMEOUT_SECONDS: Final = 10.0
 # The watchdog lease lasts this many check intervals (see shared_or_own_snapshot).
 LEASE_INTERVALS: Final = 3
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The facts the watchdog judges, read in one statement."""
-
-    period_start: datetime
-    period_label: str
-    stale_users: int
-    month_resets: int
-    last_reset_at: datetime | None
-    previous_period_had_usage: bool
-    # Read here, not only by the schedule: runs by an external cron (`token-reset
-    # reset`) and restarts with the schedule off must still move the gauge.
-    last_bulk_success_at: datetime | None = None
-
-    def to_json(self) -> str:
-        """The snapshot as the lease holder shares it with the other replicas."""
-        return json.dumps(
-            {
-                "period_start": self.period_start.isoformat(),
-                "period_label": self.period_label,
-                "stale_users": self.stale_users,
-                "month_resets": self.month_resets,
-                "last_reset_at": _iso(self.last_reset_at),
-                "previous_period_had_usage": self.previous_period_had_usage,
-                "last_bulk_success_at": _iso(self.last_bulk_success_at),
-            }
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> Snapshot:
-        """A snapshot another replica shared (see to_json)."""
-        data = json.loads(text)
-        for key in ("period_start", "last_reset_at", "last_bulk_success_at"):
-            if data.get(key) is not None:
-                data[key] = datetime.fromisoformat(data[key])
-        return cls.from_row(data)
-
-    @classmethod
-    def from_row(cls, row: asyncpg.Record | Mapping[str, Any]) -> Snapshot:
-        """Build from the `watchdog_snapshot` query's row."""
-        return cls(
-            period_start=row["period_start"],
-            period_label=row["period_label"],
-            stale_users=int(row["stale_users"]),
-            month_resets=int(row["month_resets"]),
-            last_reset_at=row["last_reset_at"],
-            previous_period_had_usage=bool(row["previous_period_had_usage"]),
-            last_bulk_success_at=row.get("last_bulk_success_at"),
-        )
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """The judgement of one snapshot at one instant."""
-
-    snapshot: Snapshot
-    seconds_into_period: float
-    grace_seconds: float
-    # What is wrong right now, whether or not the grace period is over.
-    reasons: tuple[Reason, ...]
-
-    @property
-    def in_grace(self) -> bool:
-        """True while the month is young enough that stale users are expected."""
-        return self.seconds_into_period <= self.grace_seconds
-
-    @property
-    def missed(self) -> bool:
-        """True when the reset was missed: past the grace period and something is wrong."""
-        return not self.in_grace and bool(self.reasons)
-
-
-def assess(snapshot: Snapshot, now: datetime, grace: float) -> Assessment:
-    """Judge a snapshot at `now` (timezone-aware) with a grace of `grace` seconds."""
-    if now.tzinfo is None:
-        raise ValueError("now must be timezone-aware (a naive time has no month)")
-    reasons: list[Reason] = []
-    if snapshot.stale_users > 0:
-        reasons.append("stale_users")
-    if snapshot.month_resets == 0 and snapshot.previous_period_had_usage:
-        reasons.append("no_resets")
-    return Assessment(
-        snapshot=snapshot,
-        seconds_into_period=(now - snapshot.period_start).total_seconds(),
-        grace_seconds=grace,
-        reasons=tuple(reasons),
-    )
 
 
 class AlertTracker:
@@ -131,15 +41,13 @@ class AlertTracker:
     def __init__(self) -> None:
         self.active = False
         self.raised_at: datetime | None = None
-        # One logger per tracker, bound when first used (tests capture it).
-        self._log = structlog.get_logger(__name__)
 
     def observe(self, assessment: Assessment, now: datetime) -> Transition | None:
         """Feed one assessment; returns the transition it caused, if any."""
         snapshot = assessment.snapshot
         if assessment.missed and not self.active:
             self.active, self.raised_at = True, now
-            self._log.error(
+            log.error(
                 "missed_reset_alert_raised",
                 reasons=list(assessment.reasons),
                 stale_users=snapshot.stale_users,
@@ -149,13 +57,13 @@ class AlertTracker:
                 seconds_into_period=round(assessment.seconds_into_period, 1),
                 grace_seconds=assessment.grace_seconds,
                 previous_period_had_usage=snapshot.previous_period_had_usage,
-                last_reset_at=_iso(snapshot.last_reset_at),
+                last_reset_at=iso(snapshot.last_reset_at),
             )
             return "raised"
         if not assessment.missed and self.active:
             raised_at = self.raised_at or now
             self.active, self.raised_at = False, None
-            self._log.info(
+            log.info(
                 "missed_reset_alert_cleared",
                 stale_users=snapshot.stale_users,
                 month_resets=snapshot.month_resets,
@@ -224,7 +132,6 @@ class Watchdog:
             pusher = AlertmanagerPusher(settings.alertmanager_url)
         self.pusher = pusher
         self._conn: asyncpg.Connection | None = None
-        self._log = structlog.get_logger(__name__)
 
     async def run(self) -> None:
         """Runs until cancelled; the Alertmanager pusher (if any) is its own task."""
@@ -240,7 +147,7 @@ class Watchdog:
         can die and be restarted without the other; the alert state lives on `self`
         and survives a restart (a restart neither re-raises nor forgets the alert).
         """
-        self._log.info(
+        log.info(
             "watchdog_started",
             interval_seconds=self.settings.watchdog_interval_seconds,
             grace_seconds=self.settings.reset_grace_seconds,
@@ -265,20 +172,20 @@ class Watchdog:
             self._drop_connection()
             if self.db_available:
                 self.db_available = False
-                self._log.warning(
+                log.warning(
                     "watchdog_db_unavailable", error=str(exc), error_type=type(exc).__name__
                 )
             self._push(self.clock())  # keep a raised alert alive in Alertmanager
             return None
         if not self.db_available:
             self.db_available = True
-            self._log.info("watchdog_db_recovered")
+            log.info("watchdog_db_recovered")
         now = self.clock()
         assessment = assess(snapshot, now, self.settings.reset_grace_seconds)
         self._export(assessment)
         self.last = assessment
         transition = self.tracker.observe(assessment, now)
-        self._log.debug(
+        log.debug(
             "watchdog_checked",
             missed=assessment.missed,
             stale_users=snapshot.stale_users,
@@ -331,10 +238,6 @@ class Watchdog:
         if self._conn is not None:
             self._conn.terminate()
             self._conn = None
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 async def run_watchdog(settings: Settings, metrics: Metrics, *, clock: Clock = utc_now) -> None:

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from listener.embedded import private_data_root
-from tests.database import (
+from tests.support.database import (
     TestServer,
     make_migrated_template,
     run_sync,

@@ -20,7 +20,7 @@ import asyncpg
 
 from listener.embedded import private_data_root
 from listener.migrate import apply_migrations
-from tests.database import test_server, unique_name
+from tests.support.database import test_server, unique_name
 
 SCHEMA_FILE = Path(__file__).resolve().parents[1] / "sql" / "schema.sql"
 HEADER = """\

@@ -1,4 +1,4 @@
--- Queries of `token-reset demo` (listener/demo.py).  Each block starts with
+-- Queries of `token-reset demo` (listener/demo/run.py).  Each block starts with
 -- "-- name: <name>" and takes its values as $n parameters.  The demo owns its
 -- embedded server and, on it, the database token_reset_demo, rebuilt every run so
 -- reruns tell the same story.

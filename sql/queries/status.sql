@@ -1,4 +1,4 @@
--- Queries of `token-reset status` (listener/status.py).  Each block starts with
+-- Queries of `token-reset status` (listener/commands/status.py).  Each block starts with
 -- "-- name: <name>" and takes its values as $n parameters.
 
 -- name: status_summary

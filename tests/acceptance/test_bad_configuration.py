@@ -6,14 +6,14 @@ Before, `migrate` and `status` printed a traceback and exited 1, `reset` said
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.leaks import assert_no_secret, distinctive_secret
+from tests.support.cli import run_cli
+from tests.support.env import clean_env
+from tests.support.leaks import assert_no_secret, distinctive_secret
 
 pytestmark = pytest.mark.acceptance
 
@@ -33,23 +33,10 @@ SECONDS = 30
 
 def run(argv: list[str], database_url: str | None) -> subprocess.CompletedProcess[str]:
     """`python -m listener ...` with no database configured except `database_url`."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("PG") and key not in {"DATABASE_URL", "RESET_SCHEDULE"}
-    }
-    env.update(CRON_SECRET=CRON_SECRET, LOG_FORMAT="json", HTTP_PORT="0")
+    env = clean_env(CRON_SECRET=CRON_SECRET, LOG_FORMAT="json", HTTP_PORT="0")
     if database_url is not None:
         env["DATABASE_URL"] = database_url
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *argv],
-        capture_output=True,
-        text=True,
-        timeout=SECONDS,
-        check=False,
-        cwd=REPO,
-        env=env,
-    )
+    return run_cli(*argv, env=env, timeout=SECONDS)
 
 
 def assert_one_line_refusal(done: subprocess.CompletedProcess[str], named: str) -> None:

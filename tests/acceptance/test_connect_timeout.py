@@ -6,8 +6,6 @@ reason ("cannot connect to the database: "), because str(TimeoutError()) is empt
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,7 +16,9 @@ import anyio.abc
 import pytest
 
 from listener.database import DEFAULT_CONNECT_TIMEOUT_SECONDS
-from tests.leaks import assert_no_secret, distinctive_secret
+from tests.support.cli import cli
+from tests.support.env import clean_env
+from tests.support.leaks import assert_no_secret, distinctive_secret
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
@@ -46,19 +46,11 @@ async def silent_server() -> AsyncIterator[int]:
 
 async def run(command: str, url: str, into: dict[str, tuple[int, str, str, float]]) -> None:
     """Run one command against `url`; record (exit code, stdout, stderr, seconds)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(DATABASE_URL=url, LOG_FORMAT="json")
     started = time.monotonic()
-    with anyio.fail_after(WITHIN + 30):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "listener", command], env=env, cwd=REPO, check=False
-        )
-    into[command] = (
-        done.returncode,
-        done.stdout.decode(),
-        done.stderr.decode(),
-        time.monotonic() - started,
+    done = await cli(
+        command, env=clean_env(DATABASE_URL=url, LOG_FORMAT="json"), within=WITHIN + 30
     )
+    into[command] = (*done, time.monotonic() - started)
 
 
 async def test_one_shot_commands_give_up_within_the_connect_timeout() -> None:

@@ -8,7 +8,6 @@ import pty
 import select
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ from typing import Any
 import pytest
 
 from listener.embedded import private_data_root
+from tests.support.cli import LISTENER
+from tests.support.env import clean_env
 
 pytestmark = pytest.mark.acceptance
 
@@ -41,19 +42,12 @@ def data_dir() -> Iterator[Path]:
 
 def demo_env() -> dict[str, str]:
     """The inherited environment, JSON logs, and a DATABASE_URL the demo must ignore."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("PG")
-        and key not in {"CRON_SECRET", "HTTP_PORT", "HTTP_HOST", "LOG_LEVEL", "ALERTMANAGER_URL"}
-    }
-    env.update(LOG_FORMAT="json", DATABASE_URL=UNREACHABLE_DATABASE)
-    return env
+    return clean_env(LOG_FORMAT="json", DATABASE_URL=UNREACHABLE_DATABASE)
 
 
 def demo_argv(data_dir: Path) -> list[str]:
     """`python -m listener demo` on a data directory of the test's own."""
-    return [sys.executable, "-m", "listener", "demo", "--users", "50", "--data-dir", str(data_dir)]
+    return [*LISTENER, "demo", "--users", "50", "--data-dir", str(data_dir)]
 
 
 def log_lines(stdout: str) -> list[dict[str, Any]]:

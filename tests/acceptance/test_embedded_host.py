@@ -13,7 +13,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.acceptance.test_demo import demo_env
+from tests.support.cli import run_cli
 
 pytestmark = pytest.mark.acceptance
 
@@ -44,15 +44,7 @@ def mode(path: Path) -> int:
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python -m listener ...` as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *argv],
-        cwd=cwd,
-        env=demo_env(),
-        capture_output=True,
-        text=True,
-        timeout=RUN_SECONDS,
-        check=False,
-    )
+    return run_cli(*argv, env=demo_env(), cwd=cwd, timeout=RUN_SECONDS)
 
 
 def test_embedded_under_a_private_directory_changes_no_permissions(private_dir: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 
 from listener.embedded import EmbeddedPostgres, find_bindir, private_data_root
 from tests.acceptance.test_demo import demo_env
+from tests.support.cli import run_cli
 
 pytestmark = pytest.mark.acceptance
 
@@ -66,15 +66,7 @@ def workdir() -> Iterator[Path]:
 
 def run(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     """`python -m listener ...` as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *argv],
-        cwd=cwd,
-        env=demo_env(),
-        capture_output=True,
-        text=True,
-        timeout=RUN_SECONDS,
-        check=False,
-    )
+    return run_cli(*argv, env=demo_env(), cwd=cwd, timeout=RUN_SECONDS)
 
 
 def test_demo_starts_fresh_over_a_cluster_of_another_version(workdir: Path) -> None:

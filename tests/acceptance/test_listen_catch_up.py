@@ -15,8 +15,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.fault.support import listener_env, running_listener
-from tests.integration.listener_support import add_stale_users
+from tests.support.env import listener_env
+from tests.support.processes import running_listener
+from tests.support.users import add_stale_users
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 

@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from listener.embedded import free_port
-from tests.notice_support import JSON_PATH, MATTERMOST_PATH, accepted, leaked, notice_urls
-from tests.recording_server import RecordingServer
+from tests.support.cli import run_cli
+from tests.support.env import clean_env
+from tests.support.notices import JSON_PATH, MATTERMOST_PATH, accepted, leaked, notice_urls
+from tests.support.recording_server import RecordingServer
 
 pytestmark = pytest.mark.acceptance
 
 REPO = Path(__file__).resolve().parents[2]
-NOTIFY = [sys.executable, "-m", "listener", "notify", "--test"]
 
 
 def notify(urls: list[str], level: str = "DEBUG") -> subprocess.CompletedProcess[str]:
     """Run the command with these destinations, at DEBUG (where URLs would show)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "DATABASE_URL"))}
-    env.update(NOTICE_URLS=" ".join(urls), LOG_LEVEL=level, LOG_FORMAT="json")
-    return subprocess.run(
-        NOTIFY, env=env, cwd=REPO, capture_output=True, text=True, timeout=60, check=False
-    )
+    env = clean_env(NOTICE_URLS=" ".join(urls), LOG_LEVEL=level, LOG_FORMAT="json")
+    return run_cli("notify", "--test", env=env)
 
 
 def test_every_destination_gets_a_test_message_and_one_line_without_secrets() -> None:

@@ -11,9 +11,7 @@ tests/acceptance/test_connect_timeout.py.  Both grep their output the same way.)
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,11 +24,14 @@ import pytest
 
 from listener.admin_api import RESET_PATH
 from listener.embedded import free_port
-from tests.database import unique_name
-from tests.fault.support import listener_env, running_listener
-from tests.integration.bulk_support import add_stale_users, bulk_waiting_on_lock, row_lock
-from tests.leaks import assert_no_secret, distinctive_secret
-from tests.waiting import wait_until
+from tests.support.bulk import bulk_waiting_on_lock, row_lock
+from tests.support.cli import run_cli
+from tests.support.database import unique_name
+from tests.support.env import clean_env, listener_env
+from tests.support.leaks import assert_no_secret, distinctive_secret
+from tests.support.processes import running_listener
+from tests.support.users import add_stale_users
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
@@ -66,27 +67,14 @@ def with_our_password(database_url: str) -> tuple[str, str]:
 
 def one_shot(argv: list[str], database_url: str, **values: str) -> subprocess.CompletedProcess[str]:
     """A one-shot command with every secret configured; its whole output."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith("PG") and key not in {"DATABASE_URL", "LOG_FORMAT", "LOG_LEVEL"}
-    }
-    env.update(
+    env = clean_env(
         DATABASE_URL=database_url,
         CRON_SECRET=CRON_SECRET,
         ALERTMANAGER_URL=alertmanager_url(),
         LOG_LEVEL="DEBUG",
         **values,
     )
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *argv],
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-        cwd=REPO,
-        env=env,
-    )
+    return run_cli(*argv, env=env, timeout=90)
 
 
 @pytest.mark.parametrize("log_format", ["json", "console"])

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,16 +24,18 @@ import asyncpg
 import pytest
 import yaml
 
-from tests.e2e.processes import (
+from listener.embedded import free_port
+from tests.support.cli import LISTENER
+from tests.support.env import clean_env
+from tests.support.processes import (
     ALERTMANAGER,
     PROMETHEUS,
     Process,
-    free_port,
     require_binaries,
     wait_for_log_event,
     wait_until_ready,
 )
-from tests.recording_server import Received, RecordingServer
+from tests.support.recording_server import Received, RecordingServer
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]
 
@@ -130,8 +131,7 @@ def notifications(received: list[Received], status: str, after: float = 0.0) -> 
 
 def listener_env(database_url: str, *, alertmanager_url: str) -> dict[str, str]:
     """The listener's environment: short watchdog timings, no built-in schedule."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CRON_SECRET"))}
-    env.update(
+    return clean_env(
         DATABASE_URL=database_url,
         HTTP_HOST="127.0.0.1",
         HTTP_PORT="0",
@@ -143,7 +143,6 @@ def listener_env(database_url: str, *, alertmanager_url: str) -> dict[str, str]:
         RESET_SCHEDULE="off",
         ALERTMANAGER_URL=alertmanager_url,
     )
-    return env
 
 
 def test_stale_users_page_and_bulk_reset_resolves(database_url: str, tmp_path: Path) -> None:
@@ -186,7 +185,7 @@ def test_stale_users_page_and_bulk_reset_resolves(database_url: str, tmp_path: P
 
             listener = Process(
                 "listener",
-                [sys.executable, "-m", "listener", "listen"],
+                [*LISTENER, "listen"],
                 tmp_path,
                 env=listener_env(database_url, alertmanager_url=am_url),
             )

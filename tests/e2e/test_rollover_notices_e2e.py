@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import anyio
 import asyncpg
 import pytest
 
-from tests.e2e.processes import Process
-from tests.integration.bulk_support import settings_for
-from tests.notice_support import (
+from tests.support.cli import LISTENER
+from tests.support.env import clean_env, settings_for
+from tests.support.notices import (
     JSON_PATH,
     MATTERMOST_PATH,
     accepted,
@@ -29,22 +28,22 @@ from tests.notice_support import (
     start_rollover,
     text_of,
 )
-from tests.recording_server import RecordingServer
-from tests.waiting import wait_until
+from tests.support.processes import Process
+from tests.support.recording_server import RecordingServer
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.anyio]
 
 REPO = Path(__file__).resolve().parents[2]
 # The README quotes a notice from a real run; set SAVE_NOTICE_EXAMPLE=1 to refresh it.
 NOTICE_EXAMPLE = REPO / "bench" / "results" / "rollover_notice_example.json"
-LISTEN = [sys.executable, "-m", "listener", "listen"]
+LISTEN = [*LISTENER, "listen"]
 DEADLINE_SECONDS = 60.0
 
 
 def replica_env(database_url: str, name: str, urls: tuple[str, ...]) -> dict[str, str]:
     """A replica: its own name, both destinations, quick checks, DEBUG logs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "CRON_"))}
-    env.update(
+    return clean_env(
         DATABASE_URL=database_url,
         HTTP_HOST="127.0.0.1",
         HTTP_PORT="0",
@@ -58,7 +57,6 @@ def replica_env(database_url: str, name: str, urls: tuple[str, ...]) -> dict[str
         # The test database's period began weeks ago: no "overdue" notice in this test.
         RESET_GRACE_SECONDS=str(60 * 86400),
     )
-    return env
 
 
 def checks(process: Process) -> int:

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import asyncpg
@@ -15,6 +12,8 @@ import pytest
 
 from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
+from tests.support.cli import run_cli
+from tests.support.env import clean_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -44,16 +43,8 @@ async def test_migrate_without_createrole_works_and_names_the_missing_roles(
         await admin.close()
     owner_url = bare_cluster.dsn_for("tokens").replace("://postgres@", f"://{OWNER}@")
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(DATABASE_URL=owner_url, LOG_FORMAT="json")
-    done = subprocess.run(  # noqa: ASYNC221 (a one-shot CLI run, nothing else waits)
-        [sys.executable, "-m", "listener", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    # A one-shot CLI run, blocking: nothing else waits meanwhile.
+    done = run_cli("migrate", env=clean_env(DATABASE_URL=owner_url, LOG_FORMAT="json"), timeout=120)
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert sorted(report["missing_roles"]) == ["token_reset_app", "token_reset_listener"]

@@ -17,11 +17,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from listener.commands.status import gather_status
 from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
 from listener.sql import query
-from listener.status import gather_status
-from tests.waiting import wait_until
+from tests.support.users import add_stale_users
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -66,11 +67,7 @@ async def test_pg_cron_runs_are_recorded_like_every_other_bulk_run(
     try:
         await apply_migrations(conn)
         await conn.execute("CREATE EXTENSION pg_cron")
-        await conn.execute(
-            "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset)"
-            " SELECT gen_random_uuid(), 9, token_reset_period_start() - interval '2 days'"
-            " FROM generate_series(1, 25)"
-        )
+        await add_stale_users(conn, 25, used=9)
         await conn.execute(
             "SELECT cron.schedule('token-reset-function', '* * * * *',"
             " 'SELECT reset_monthly_tokens_for_all_users()')"

@@ -12,9 +12,11 @@ import pytest
 
 from listener.admin_api import RESET_PATH
 from tests.fault.proxy import tcp_proxy
-from tests.fault.support import listener_env, running_listener
-from tests.integration.bulk_support import add_stale_users, bulk_waiting_on_lock, row_lock, runs
-from tests.waiting import wait_until
+from tests.support.bulk import bulk_waiting_on_lock, row_lock, runs
+from tests.support.env import listener_env
+from tests.support.processes import running_listener
+from tests.support.users import add_stale_users
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 

@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 from uuid import UUID
 
 import anyio
 import asyncpg
 import pytest
 
-from tests.integration.bulk_support import (
-    REPO,
-    bulk_waiting_on_lock,
-    carrying_usage,
-    cli_env,
-    runs,
-)
-from tests.waiting import wait_until
+from tests.support.bulk import bulk_waiting_on_lock, runs
+from tests.support.cli import LISTENER, REPO
+from tests.support.env import cli_env
+from tests.support.users import carrying_usage
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 
@@ -95,7 +91,7 @@ async def hold_reset_row(conn: asyncpg.Connection, user_id: UUID) -> None:
 async def reset_command(database_url: str) -> tuple[int, str, str]:
     """`python -m listener reset`: exit code, stdout, stderr."""
     done = await anyio.run_process(
-        [sys.executable, "-m", "listener", "reset", "--batch-size", str(BATCH)],
+        [*LISTENER, "reset", "--batch-size", str(BATCH)],
         env=cli_env(database_url),
         cwd=REPO,
         check=False,

@@ -10,8 +10,9 @@ import pytest
 
 from listener.bulk import BulkResetError, run_bulk_reset
 from tests.fault.proxy import tcp_proxy
-from tests.integration.bulk_support import add_stale_users, settings_for
-from tests.waiting import wait_until
+from tests.support.env import settings_for
+from tests.support.users import add_stale_users
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 

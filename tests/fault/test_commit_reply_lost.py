@@ -8,9 +8,10 @@ import asyncpg
 import pytest
 
 from tests.fault.proxy import tcp_proxy
-from tests.fault.support import listener_env, running_listener, wait_counts_equal_ledger
-from tests.integration.listener_support import add_stale_users, reset_by_trigger
-from tests.waiting import wait_until
+from tests.support.env import listener_env
+from tests.support.processes import running_listener, wait_counts_equal_ledger
+from tests.support.users import add_stale_users, reset_by_trigger
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 

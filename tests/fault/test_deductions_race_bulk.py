@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from listener.bulk import run_bulk_reset
 from listener.config import Settings
-from tests.database import TestServer, unique_name
+from tests.support.database import TestServer, unique_name
 
 pytestmark = pytest.mark.fault
 

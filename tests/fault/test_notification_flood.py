@@ -8,20 +8,15 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.fault.support import (
+from tests.support.env import listener_env
+from tests.support.metrics import Scrape
+from tests.support.processes import (
     ListenerProcess,
-    Scrape,
-    listener_env,
     memory_kib,
     running_listener,
     wait_counts_equal_ledger,
 )
-from tests.integration.listener_support import (
-    add_stale_users,
-    reset_by_bulk,
-    reset_by_function,
-    reset_by_trigger,
-)
+from tests.support.users import add_stale_users, reset_by_bulk, reset_by_function, reset_by_trigger
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 
@@ -119,7 +114,7 @@ async def test_a_flood_of_forged_notifications_is_counted_and_harmless(
         rss_after, rss_peak = memory_kib(listener.pid)
 
         # Still alive, ready, and still counting real resets exactly.
-        listener.assert_alive()
+        listener.assert_running()
         assert await listener.readyz() == 200
         assert await reset_by_bulk(conn) == 4
         truth = await wait_counts_equal_ledger(listener, conn)

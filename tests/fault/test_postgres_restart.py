@@ -12,9 +12,11 @@ import pytest
 
 from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
-from tests.database import TEST_SERVER_SETTINGS
-from tests.fault.support import listener_env, running_listener, wait_counts_equal_ledger
-from tests.waiting import wait_until
+from tests.support.database import TEST_SERVER_SETTINGS
+from tests.support.env import listener_env
+from tests.support.processes import running_listener, wait_counts_equal_ledger
+from tests.support.users import add_stale_users, reset_by_bulk, reset_by_trigger
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 
@@ -28,11 +30,6 @@ CONNECTION_ERRORS = (
     asyncpg.CannotConnectNowError,
     # asyncpg's answer, at times, on a connection whose server said goodbye while idle.
     asyncpg.InternalClientError,
-)
-STALE_INSERT = (
-    "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset)"
-    " SELECT gen_random_uuid(), 7, public.token_reset_period_start() - interval '1 day'"
-    " FROM generate_series(1, $1) RETURNING user_id"
 )
 # Resets per phase: enough that each source is exercised before and after the restart.
 RESETS_PER_PHASE = 30
@@ -98,18 +95,13 @@ class Producer:
     @staticmethod
     async def _reset(conn: asyncpg.Connection, kind: int) -> None:
         if kind == 0:  # the row trigger (source trigger)
-            (user,) = await conn.fetch(STALE_INSERT, 1)
-            await conn.execute(
-                "UPDATE user_tokens SET monthly_tokens_used = monthly_tokens_used + 1"
-                " WHERE user_id = $1",
-                user["user_id"],
-            )
+            await reset_by_trigger(conn, await add_stale_users(conn, 1))
         elif kind == 1:  # deduct_tokens (source function)
-            (user,) = await conn.fetch(STALE_INSERT, 1)
-            await conn.execute("SELECT deduct_tokens($1, 1, 'fault')", user["user_id"])
+            (user,) = await add_stale_users(conn, 1)
+            await conn.execute("SELECT deduct_tokens($1, 1, 'fault')", user)
         else:  # the bulk backup over whoever is stale now (source bulk)
-            await conn.fetch(STALE_INSERT, 5)
-            await conn.execute("SELECT reset_monthly_tokens_for_all_users()")
+            await add_stale_users(conn, 5)
+            await reset_by_bulk(conn)
 
 
 async def test_restart_while_resets_happen_reconnects_and_counts_equal_the_ledger(

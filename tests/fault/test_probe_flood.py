@@ -20,14 +20,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from tests.fault.support import (
-    ListenerProcess,
-    Scrape,
-    listener_env,
-    running_listener,
-    wait_counts_equal_ledger,
-)
-from tests.integration.listener_support import add_stale_users, reset_by_bulk, reset_by_trigger
+from tests.support.env import listener_env
+from tests.support.metrics import Scrape
+from tests.support.processes import ListenerProcess, running_listener, wait_counts_equal_ledger
+from tests.support.users import add_stale_users, reset_by_bulk, reset_by_trigger
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 

@@ -10,9 +10,11 @@ import asyncpg
 import pytest
 
 from listener.metrics import RESET_SOURCES
-from tests.fault.support import Scrape, listener_env, running_listener
-from tests.integration.listener_support import add_stale_users, reset_by_trigger
-from tests.waiting import wait_until
+from tests.support.env import listener_env
+from tests.support.metrics import Scrape
+from tests.support.processes import running_listener
+from tests.support.users import add_stale_users, reset_by_trigger
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.fault]
 

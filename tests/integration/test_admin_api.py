@@ -17,17 +17,16 @@ from structlog.testing import capture_logs
 from listener.admin_api import RESET_PATH, admin_routes
 from listener.config import Settings
 from listener.metrics import Metrics
-from tests.integration.bulk_support import (
+from tests.support.bulk import (
     BULK_APPLICATION_NAME,
-    add_stale_users,
     bulk_waiting_on_lock,
-    carrying_usage,
     row_lock,
     runs,
-    settings_for,
     unreachable_url,
 )
-from tests.waiting import wait_until
+from tests.support.env import settings_for
+from tests.support.users import add_stale_users, carrying_usage
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -18,7 +18,8 @@ from structlog.testing import capture_logs
 from listener.admin_api import RESET_PATH, admin_routes
 from listener.config import Settings
 from listener.metrics import Metrics
-from tests.integration.bulk_support import unreachable_url
+from tests.support.bulk import unreachable_url
+from tests.support.metrics import sample
 
 pytestmark = pytest.mark.anyio
 
@@ -66,7 +67,7 @@ async def test_wrong_credentials_are_all_refused_counted_and_barely_logged() -> 
         async with endpoint(settings, metrics) as client:
             statuses = await storm(client)
     assert statuses == [401] * REQUESTS
-    counted = metrics.registry.get_sample_value("token_reset_admin_unauthorized_total")
+    counted = sample(metrics, "token_reset_admin_unauthorized_total")
     assert counted == REQUESTS
     lines = [entry for entry in logs if entry["event"] == "admin_reset_unauthorized"]
     assert 1 <= len(lines) <= MAX_LINES

@@ -22,7 +22,9 @@ from listener.clock import utc_now
 from listener.config import Settings
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
-from tests.recording_server import Received, RecordingServer
+from tests.support.metrics import sample
+from tests.support.recording_server import Received, RecordingServer
+from tests.support.users import add_stale_users
 
 pytestmark = pytest.mark.anyio
 
@@ -32,11 +34,7 @@ INTERVAL = 0.05
 
 async def stale_users_seven_hours_in(conn: asyncpg.Connection) -> Callable[[], datetime]:
     """Three users carrying last period's usage; a clock 7 h into the period."""
-    await conn.execute(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset) "
-        "SELECT gen_random_uuid(), 40, token_reset_period_start() - interval '10 days' "
-        "FROM generate_series(1, 3)"
-    )
+    await add_stale_users(conn, 3, used=40)
     start: datetime = await conn.fetchval("SELECT token_reset_period_start()")
     offset = start + timedelta(hours=7) - utc_now()
     return lambda: utc_now() + offset
@@ -57,7 +55,9 @@ def fired(alert: dict[str, Any], now: datetime) -> bool:
     return datetime.fromisoformat(alert["endsAt"]) > now
 
 
-async def wait_until(server: RecordingServer, predicate: Callable[[list[Received]], bool]) -> None:
+async def wait_received(
+    server: RecordingServer, predicate: Callable[[list[Received]], bool]
+) -> None:
     """Block (off the event loop) until the server has received what predicate wants."""
     arrived = await anyio.to_thread.run_sync(server.wait_for, predicate, DEADLINE_SECONDS)
     assert arrived, f"not received within {DEADLINE_SECONDS} s: {server.snapshot()!r}"
@@ -86,7 +86,7 @@ async def test_raise_posts_and_reposts_then_clear_sends_ends_at(
         watchdog = Watchdog(settings, Metrics.fresh(), clock=clock)
         async with anyio.create_task_group() as tg:
             tg.start_soon(watchdog.run)
-            await wait_until(server, lambda got: len(alert_posts(got)) >= 3)
+            await wait_received(server, lambda got: len(alert_posts(got)) >= 3)
             firing = alert_posts(server.snapshot())
             assert {a["labels"]["alertname"] for a in firing} == {"TokenResetMissedMonth"}
             assert firing[0]["labels"] == ALERT_LABELS
@@ -97,7 +97,7 @@ async def test_raise_posts_and_reposts_then_clear_sends_ends_at(
             assert all(fired(a, clock()) for a in firing)
 
             await conn.execute("SELECT reset_monthly_tokens_for_all_users()")
-            await wait_until(server, lambda got: not fired(alert_posts(got)[-1], clock()))
+            await wait_received(server, lambda got: not fired(alert_posts(got)[-1], clock()))
             await wait_for_checks(watchdog, 3)
             tg.cancel_scope.cancel()
     posts = alert_posts(server.snapshot())
@@ -138,7 +138,7 @@ async def test_alertmanager_down_is_retried_counted_and_harmless(
             # The watchdog carried on: it still sees the database change.
             await conn.execute("SELECT reset_monthly_tokens_for_all_users()")
             with anyio.fail_after(DEADLINE_SECONDS):
-                while metrics.registry.get_sample_value("token_reset_missed_month") != 0:  # noqa: ASYNC110
+                while sample(metrics, "token_reset_missed_month") != 0:  # noqa: ASYNC110
                     await anyio.sleep(0.02)
             tg.cancel_scope.cancel()
     assert pusher.sent == 0
@@ -160,9 +160,9 @@ async def test_failing_alertmanager_recovers_and_delivers(
         watchdog = Watchdog(settings, Metrics.fresh(), clock=clock, pusher=pusher)
         async with anyio.create_task_group() as tg:
             tg.start_soon(watchdog.run)
-            await wait_until(server, lambda got: len(got) >= 3)
+            await wait_received(server, lambda got: len(got) >= 3)
             server.status = 200
-            await wait_until(server, lambda got: len(alert_posts(got)) >= 1)
+            await wait_received(server, lambda got: len(alert_posts(got)) >= 1)
             with anyio.fail_after(DEADLINE_SECONDS):
                 # The server has the POST; wait for the pusher to have read the answer.
                 while pusher.sent < 1:  # noqa: ASYNC110  # a counter, no event to await

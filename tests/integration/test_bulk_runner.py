@@ -11,18 +11,17 @@ from structlog.testing import capture_logs
 
 from listener.bulk import BatchProgress, BulkResetError, BulkResult, run_bulk_reset
 from listener.metrics import Metrics
-from tests.integration.bulk_support import (
+from tests.support.bulk import (
     BULK_APPLICATION_NAME,
-    add_current_users,
-    add_stale_users,
     bulk_waiting_on_lock,
-    carrying_usage,
     row_lock,
     runs,
-    settings_for,
     unreachable_url,
 )
-from tests.waiting import wait_until
+from tests.support.env import settings_for
+from tests.support.metrics import sample
+from tests.support.users import add_current_users, add_stale_users, carrying_usage
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -58,8 +57,8 @@ async def test_resets_every_stale_user_in_batches_and_records_the_run(
         "WHERE operation = 'reset' GROUP BY 1"
     )
     assert [(r["source"], r["count"]) for r in sources] == [("bulk", 25)]
-    assert metrics.bulk_runs.labels(outcome="success")._value.get() == 1
-    assert metrics.bulk_last_success._value.get() == pytest.approx(
+    assert sample(metrics, "token_reset_bulk_runs_total", outcome="success") == 1
+    assert sample(metrics, "token_reset_bulk_last_success_timestamp_seconds") == pytest.approx(
         row["finished_at"].timestamp(), abs=0.01
     )
 
@@ -141,8 +140,8 @@ async def test_a_concurrent_caller_is_skipped_promptly_and_names_the_running_run
     assert first[0].reset_count == 30
     outcomes = {r["source"]: r["outcome"] for r in await runs(conn)}
     assert outcomes == {"schedule": "success", "endpoint": "skipped"}
-    assert metrics.bulk_runs.labels(outcome="skipped")._value.get() == 1
-    assert metrics.bulk_runs.labels(outcome="success")._value.get() == 1
+    assert sample(metrics, "token_reset_bulk_runs_total", outcome="skipped") == 1
+    assert sample(metrics, "token_reset_bulk_runs_total", outcome="success") == 1
 
 
 async def test_connection_lost_mid_run_keeps_committed_batches_and_a_rerun_finishes(
@@ -177,7 +176,7 @@ async def test_connection_lost_mid_run_keeps_committed_batches_and_a_rerun_finis
     assert (failed["outcome"], failed["reset_count"]) == ("failure", 19)
     # FATAL 57P01 "terminating connection", or the socket closing first.
     assert "57P01" in failed["error"] or "connection lost" in failed["error"]
-    assert metrics.bulk_runs.labels(outcome="failure")._value.get() == 1
+    assert sample(metrics, "token_reset_bulk_runs_total", outcome="failure") == 1
 
     rerun = await run_bulk_reset(settings, source="cli", metrics=metrics)
     assert (rerun.outcome, rerun.reset_count) == ("success", 1)
@@ -190,7 +189,7 @@ async def test_unreachable_database_raises_a_clear_error(database_url: str) -> N
     metrics = Metrics.fresh()
     with anyio.fail_after(15), pytest.raises(BulkResetError, match="database unreachable"):
         await run_bulk_reset(settings_for(unreachable_url()), source="cli", metrics=metrics)
-    assert metrics.bulk_runs.labels(outcome="failure")._value.get() == 1
+    assert sample(metrics, "token_reset_bulk_runs_total", outcome="failure") == 1
 
 
 async def test_a_run_left_running_by_a_dead_process_is_marked_abandoned(

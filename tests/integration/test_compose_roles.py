@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,12 @@ import asyncpg
 import pytest
 
 from listener.embedded import find_bindir
-from tests.database import TestServer, run_sync, with_database
-from tests.fault.support import listener_env, running_listener, wait_counts_equal_ledger
-from tests.integration.bulk_support import REPO, cli_env
-from tests.integration.listener_support import add_stale_users, reset_by_trigger
+from tests.support.cli import REPO
+from tests.support.cli import cli as run
+from tests.support.database import TestServer, run_sync, with_database
+from tests.support.env import cli_env, listener_env
+from tests.support.processes import running_listener, wait_counts_equal_ledger
+from tests.support.users import add_stale_users, reset_by_trigger
 
 pytestmark = pytest.mark.anyio
 
@@ -81,11 +82,7 @@ def login_url(pg_server: TestServer) -> Iterator[str]:
 
 async def cli(url: str, *args: str) -> tuple[int, str, str]:
     """`python -m listener <args>` with only this database configured."""
-    with anyio.fail_after(60):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "listener", *args], env=cli_env(url), cwd=REPO, check=False
-        )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
+    return await run(*args, env=cli_env(url))
 
 
 async def test_the_login_role_is_a_member_of_token_reset_app_and_nothing_more(

@@ -8,8 +8,7 @@ visible while it happens: a gauge of how long, and a log line naming the session
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import anyio
 import asyncpg
@@ -18,15 +17,12 @@ from structlog.testing import capture_logs
 
 from listener.metrics import Metrics
 from listener.service import Service
-from tests.integration.listener_support import (
-    add_stale_users,
-    counted,
-    ready,
-    reset_by_trigger,
-    settings_for,
-    wait_counts_match_ledger,
-)
-from tests.waiting import wait_until
+from tests.support.database import open_transaction
+from tests.support.env import listener_settings
+from tests.support.metrics import counted
+from tests.support.service import ready, wait_counts_match_ledger
+from tests.support.users import add_stale_users, reset_by_trigger
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -34,22 +30,15 @@ HOLDER_APPLICATION = "held-back-test-app"
 HELD_BACK = "token_reset_ledger_held_back_seconds"
 
 
-@asynccontextmanager
-async def idle_writer(database_url: str, user: object) -> AsyncIterator[asyncpg.Connection]:
+def idle_writer(database_url: str, user: object) -> AbstractAsyncContextManager[asyncpg.Connection]:
     """BEGIN; deduct_tokens(...) on a connection of its own, then idle until the block ends."""
-    holder = await asyncpg.connect(
-        database_url, server_settings={"application_name": HOLDER_APPLICATION}
+    return open_transaction(
+        database_url,
+        "SELECT deduct_tokens($1, 1, 'chat')",
+        user,
+        application_name=HOLDER_APPLICATION,
+        commit=True,
     )
-    try:
-        transaction = holder.transaction()
-        await transaction.start()
-        await holder.fetchval("SELECT deduct_tokens($1, 1, 'chat')", user)
-        try:
-            yield holder
-        finally:
-            await transaction.commit()
-    finally:
-        await holder.close()
 
 
 async def test_an_idle_transaction_holding_counting_back_is_measured_and_named(
@@ -57,7 +46,7 @@ async def test_an_idle_transaction_holding_counting_back_is_measured_and_named(
 ) -> None:
     """The gauge grows while the writer idles, the log names its pid; all counted after."""
     users = await add_stale_users(conn, 4)
-    service = Service(settings_for(database_url), Metrics.fresh(), handle_signals=False)
+    service = Service(listener_settings(database_url), Metrics.fresh(), handle_signals=False)
     # How long a hold may last before the log names it (30 s in production).
     service.ledger.warn_after_seconds = 1.0
     registry = service.metrics.registry

@@ -11,9 +11,9 @@ import pytest
 
 from listener.migrate import apply_migrations
 from listener.sql import query
-from tests.database import TestServer, unique_name
-from tests.factories import add_user
 from tests.integration.test_ledger_model import COUNTER_DRIFT, I1_VIOLATIONS
+from tests.support.database import TestServer, unique_name
+from tests.support.users import add_user
 
 pytestmark = pytest.mark.anyio
 

@@ -18,10 +18,11 @@ import listener.migrate as migrate_module
 from listener.bulk import run_bulk_reset
 from listener.migrate import apply_migrations
 from listener.sql import Migration, migrations
-from tests.database import TestServer, unique_name
-from tests.factories import LAST_MONTH_28TH, add_user
-from tests.integration.bulk_support import bulk_waiting_on_lock, settings_for
-from tests.waiting import wait_until
+from tests.support.bulk import bulk_waiting_on_lock
+from tests.support.database import TestServer, unique_name
+from tests.support.env import settings_for
+from tests.support.users import LAST_MONTH_28TH, add_user
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -12,27 +12,18 @@ import pytest
 from listener.embedded import free_port
 from listener.metrics import Metrics
 from listener.service import Service
-from tests.integration.listener_support import (
-    CONSUMER,
-    add_stale_users,
-    counted,
-    ledger_counts,
-    ready,
-    reset_by_bulk,
-    reset_by_trigger,
-    running,
-    settings_for,
-    wait_counts_match_ledger,
-)
-from tests.waiting import wait_until
+from tests.support.env import CONSUMER, listener_settings
+from tests.support.metrics import counted, sample
+from tests.support.service import ready, running, wait_counts_match_ledger
+from tests.support.users import add_stale_users, ledger_counts, reset_by_bulk, reset_by_trigger
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
 
 def reconnects(service: Service) -> int:
     """token_reset_reconnects_total."""
-    value = service.metrics.registry.get_sample_value("token_reset_reconnects_total")
-    return int(value or 0)
+    return int(sample(service.metrics, "token_reset_reconnects_total") or 0)
 
 
 async def test_terminated_connection_reconnects_and_counts_equal_the_ledger(
@@ -43,7 +34,7 @@ async def test_terminated_connection_reconnects_and_counts_equal_the_ledger(
     produced: list[int] = []
     at_kill: list[int] = []
     enough = anyio.Event()
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         killer = await asyncpg.connect(database_url)
         try:
@@ -81,7 +72,9 @@ async def test_a_deaf_connection_fails_its_probe_and_is_replaced(
 ) -> None:
     """A connection that stopped listening looks open; the NOTIFY probe catches it."""
     users = await add_stale_users(conn, 2)
-    settings = settings_for(database_url, probe_interval_seconds=0.2, probe_timeout_seconds=0.5)
+    settings = listener_settings(
+        database_url, probe_interval_seconds=0.2, probe_timeout_seconds=0.5
+    )
     async with running(settings) as service:
         await ready(service)
         listen = service.listen
@@ -99,7 +92,7 @@ async def test_a_restart_neither_recounts_nor_skips(
 ) -> None:
     """Resets written while the listener was down are counted by the next one, once."""
     users = await add_stale_users(conn, 17)
-    settings = settings_for(database_url)
+    settings = listener_settings(database_url)
     async with running(settings) as first:
         await ready(first)
         await reset_by_trigger(conn, users[:10])
@@ -124,7 +117,7 @@ async def test_a_new_consumer_starts_after_the_history(
     """The first start of a consumer name begins at the newest ledger id: history is not new."""
     await add_stale_users(conn, 5)
     assert await reset_by_bulk(conn) == 5
-    async with running(settings_for(database_url, listener_name="newcomer")) as service:
+    async with running(listener_settings(database_url, listener_name="newcomer")) as service:
         await ready(service)
         more = await add_stale_users(conn, 2)
         await reset_by_trigger(conn, more)
@@ -137,7 +130,7 @@ async def test_no_database_at_start_keeps_retrying_and_is_not_ready(
 ) -> None:
     """A database that is down at start: /readyz says 503, the service waits, stops cleanly."""
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
-    service = Service(settings_for(nowhere), Metrics.fresh(), handle_signals=False)
+    service = Service(listener_settings(nowhere), Metrics.fresh(), handle_signals=False)
     exit_codes: list[int] = []
 
     async def run() -> None:
@@ -166,7 +159,7 @@ async def test_a_ledger_behind_the_cursor_does_not_silence_the_listener(
         "INSERT INTO token_reset_listener_cursors (consumer, last_id) VALUES ($1, 1000000)",
         CONSUMER,
     )
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         assert service.ledger.cursor is not None
         assert service.ledger.cursor < 1_000_000
@@ -181,7 +174,7 @@ async def test_a_busy_http_port_stops_the_service_with_exit_code_1(database_url:
         taken.listen()
         port = taken.getsockname()[1]
         service = Service(
-            settings_for(database_url, http_port=port), Metrics.fresh(), handle_signals=False
+            listener_settings(database_url, http_port=port), Metrics.fresh(), handle_signals=False
         )
         with anyio.fail_after(15):
             assert await service.run() == 1

@@ -6,21 +6,17 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.integration.listener_support import (
+from tests.support.env import listener_settings
+from tests.support.metrics import counted, notifications
+from tests.support.service import force_read, ready, running, wait_counts_match_ledger
+from tests.support.users import (
     add_stale_users,
-    counted,
-    force_read,
     ledger_counts,
-    notifications,
-    ready,
     reset_by_bulk,
     reset_by_function,
     reset_by_trigger,
-    running,
-    settings_for,
-    wait_counts_match_ledger,
 )
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -30,7 +26,7 @@ async def test_trigger_function_and_bulk_resets_are_counted_exactly_once(
 ) -> None:
     """Each path's resets appear in token_reset_users_total once, matching the ledger."""
     users = await add_stale_users(conn, 30)
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         await reset_by_trigger(conn, users[:10])
         await reset_by_function(conn, users[10:15])
@@ -47,7 +43,7 @@ async def test_gauges_and_lag_come_from_the_ledger(
 ) -> None:
     """The last-reset gauge is the newest ledger row's time; every batch observes lag."""
     users = await add_stale_users(conn, 3)
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         await reset_by_trigger(conn, users)
         await wait_counts_match_ledger(service, conn)
@@ -67,7 +63,7 @@ async def test_a_smaller_id_committed_late_is_still_counted(
 ) -> None:
     """Ids are drawn at INSERT but visible at COMMIT: the cursor must not skip the early one."""
     first, second = await add_stale_users(conn, 2)
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         slow = await asyncpg.connect(database_url)
         try:
@@ -90,7 +86,7 @@ async def test_malformed_and_forged_doorbells_never_change_counts(
 ) -> None:
     """Garbage is counted as malformed; a forged id range causes only a harmless read."""
     users = await add_stale_users(conn, 4)
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         await reset_by_trigger(conn, users)
         truth = await wait_counts_match_ledger(service, conn)
@@ -120,7 +116,7 @@ async def test_a_burst_of_10000_doorbells_costs_a_handful_of_reads(
 ) -> None:
     """Doorbells are coalesced: one read drains any number of pending ones."""
     users = await add_stale_users(conn, 1)
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         await reset_by_trigger(conn, users)
         await wait_counts_match_ledger(service, conn)
@@ -149,7 +145,7 @@ async def test_http_endpoints_report_health_readiness_and_metrics(
     database_url: str, conn: asyncpg.Connection
 ) -> None:
     """/healthz answers, /readyz is 200 once caught up, /metrics has the contract's names."""
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         base = f"http://127.0.0.1:{service.state.http_port}"
         async with httpx.AsyncClient(base_url=base) as client:

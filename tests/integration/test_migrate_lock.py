@@ -10,11 +10,9 @@ MIGRATE_LOCK_TIMEOUT_SECONDS, and a wait is logged once, naming the holder.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 
 import anyio
@@ -23,8 +21,10 @@ import pytest
 
 from listener.migrate import apply_migrations
 from listener.sql import migrations, query
-from tests.database import unique_name
-from tests.waiting import wait_until
+from tests.support.cli import cli
+from tests.support.database import open_transaction, sessions_waiting_on_lock, unique_name
+from tests.support.env import cli_env
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -66,47 +66,27 @@ def as_role(database_url: str, name: str) -> str:
     return f"{scheme}://{name}@{rest.rpartition('@')[2]}"
 
 
-@asynccontextmanager
-async def holding_the_history(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+def holding_the_history(database_url: str) -> AbstractAsyncContextManager[asyncpg.Connection]:
     """The owner's session in a transaction holding the table lock a migration takes."""
-    holder = await asyncpg.connect(
-        database_url, server_settings={"application_name": "other-migrator"}
+    return open_transaction(
+        database_url,
+        "LOCK TABLE public.token_reset_migrations IN EXCLUSIVE MODE",
+        application_name="other-migrator",
     )
-    try:
-        transaction = holder.transaction()
-        await transaction.start()
-        await holder.execute("LOCK TABLE public.token_reset_migrations IN EXCLUSIVE MODE")
-        try:
-            yield holder
-        finally:
-            await transaction.rollback()
-    finally:
-        await holder.close()
 
 
 async def migrators_waiting(conn: asyncpg.Connection, expected: int) -> bool:
     """True when `expected` migrate sessions of this database are blocked on a lock."""
-    count: int = await conn.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-        "AND application_name = $1 AND wait_event_type = 'Lock'",
-        MIGRATE_APP,
-    )
-    return count == expected
+    return await sessions_waiting_on_lock(conn, MIGRATE_APP) == expected
 
 
 async def migrate_cli(
     database_url: str, into: list[tuple[int, str, str, float]], **env_values: str
 ) -> None:
     """`python -m listener migrate`; appends (exit code, stdout, stderr, seconds)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env.update(DATABASE_URL=database_url, LOG_FORMAT="json", LOG_LEVEL="INFO", **env_values)
     started = time.monotonic()
-    with anyio.fail_after(60):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "listener", "migrate"], env=env, cwd=REPO, check=False
-        )
-    seconds = time.monotonic() - started
-    into.append((done.returncode, done.stdout.decode(), done.stderr.decode(), seconds))
+    done = await cli("migrate", env=cli_env(database_url, **env_values))
+    into.append((*done, time.monotonic() - started))
 
 
 def events(stderr: str, name: str) -> list[dict[str, object]]:

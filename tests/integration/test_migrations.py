@@ -13,7 +13,8 @@ import pytest
 
 from listener.migrate import MigrationError, apply_migrations
 from listener.sql import RELEASED_CHECKSUMS, Migration, migrations
-from tests.database import TestServer, unique_name
+from tests.support.cli import run_cli as run
+from tests.support.database import TestServer, unique_name
 
 pytestmark = pytest.mark.anyio
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,14 +148,7 @@ async def test_database_from_a_newer_release_is_refused(database_url: str) -> No
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`python -m listener ...` with exactly `env` (plus PATH)."""
-    return subprocess.run(
-        [sys.executable, "-m", "listener", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={"PATH": "/usr/bin:/bin", **env},
-    )
+    return run(*args, env={"PATH": "/usr/bin:/bin", **env})
 
 
 def test_migrate_without_a_database_says_how_to_configure_one() -> None:

@@ -22,7 +22,8 @@ from listener.metrics import Metrics
 from listener.notices import Facts, Notifier
 from listener.sql import query
 from tests.integration.role_support import login_role
-from tests.notice_support import (
+from tests.support.metrics import sample
+from tests.support.notices import (
     JSON_PATH,
     MATTERMOST_PATH,
     accepted,
@@ -33,8 +34,9 @@ from tests.notice_support import (
     start_rollover,
     text_of,
 )
-from tests.recording_server import RecordingServer
-from tests.waiting import wait_until
+from tests.support.recording_server import RecordingServer
+from tests.support.users import add_stale_users
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -190,10 +192,8 @@ async def test_a_failing_destination_is_retried_with_backoff_and_sent_once(
     assert [e["attempt"] for e in failed] == [1, 2]
     assert all(e["retry_in_seconds"] > 0 for e in failed)
     assert "error=500" in failed[0]["reason"]
-    assert (
-        metrics.registry.get_sample_value("token_reset_notices_total", {"outcome": "failure"}) == 2
-    )
-    assert metrics.registry.get_sample_value("token_reset_notices_total", {"outcome": "sent"}) == 2
+    assert sample(metrics, "token_reset_notices_total", outcome="failure") == 2
+    assert sample(metrics, "token_reset_notices_total", outcome="sent") == 2
     rows = {r["label"].split()[1]: r for r in await deliveries(conn)}
     assert (rows["Mattermost"]["state"], rows["Mattermost"]["attempts"]) == ("sent", 3)
     assert (rows["JSON"]["state"], rows["JSON"]["attempts"]) == ("sent", 1)
@@ -264,11 +264,7 @@ async def test_an_incomplete_rollover_past_the_grace_says_so_once_then_completes
     """Stale users 7 h into the period (grace 6 h): one 'NOT complete' notice per
     destination, never repeated; after the bulk run, one 'complete' notice each."""
     clock = PeriodClock(await period_start(conn) + timedelta(hours=7))
-    await conn.execute(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset)"
-        " SELECT gen_random_uuid(), 9, token_reset_period_start() - interval '2 days'"
-        " FROM generate_series(1, 4)"
-    )
+    await add_stale_users(conn, 4, used=9)
     with RecordingServer() as receiver:
         settings = settings_for(database_url, receiver, "replica-a")
         a = Notifier(settings, Metrics.fresh(), clock=clock)

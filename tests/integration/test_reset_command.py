@@ -5,36 +5,21 @@ from __future__ import annotations
 import json
 import os
 import pty
-import subprocess
-import sys
 
-import anyio
 import asyncpg
 import pytest
 
-from tests.integration.bulk_support import (
-    REPO,
-    add_stale_users,
-    carrying_usage,
-    cli_env,
-    runs,
-    unreachable_url,
-)
+from tests.support.bulk import runs, unreachable_url
+from tests.support.cli import cli
+from tests.support.env import cli_env
+from tests.support.users import add_stale_users, carrying_usage
 
 pytestmark = pytest.mark.anyio
 
 
 async def reset(database_url: str, *extra: str, stderr: int | None = None) -> tuple[int, str, str]:
     """Run `python -m listener reset`; returns (exit code, stdout, stderr)."""
-    with anyio.fail_after(60):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "listener", "reset", *extra],
-            env=cli_env(database_url),
-            cwd=REPO,
-            check=False,
-            stderr=subprocess.PIPE if stderr is None else stderr,
-        )
-    return done.returncode, done.stdout.decode(), (done.stderr or b"").decode()
+    return await cli("reset", *extra, env=cli_env(database_url), stderr=stderr)
 
 
 async def test_reset_prints_json_and_a_second_run_resets_nothing(

@@ -14,16 +14,11 @@ from structlog.testing import capture_logs
 from listener.bulk import BulkResult
 from listener.metrics import Metrics
 from listener.schedule import Scheduler, run_schedule
-from tests.integration.bulk_support import (
-    add_stale_users,
-    bulk_waiting_on_lock,
-    carrying_usage,
-    row_lock,
-    runs,
-    settings_for,
-    unreachable_url,
-)
-from tests.waiting import wait_until
+from tests.support.bulk import bulk_waiting_on_lock, row_lock, runs, unreachable_url
+from tests.support.env import settings_for
+from tests.support.metrics import sample
+from tests.support.users import add_stale_users, carrying_usage
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -135,7 +130,7 @@ async def test_a_restart_does_not_rerun_a_served_slot(
     assert await scheduler.tick(FEB_SLOT + timedelta(hours=3)) is None
     assert len(await runs(conn)) == 1
     assert scheduler.served_through == FEB_SLOT
-    assert metrics.bulk_last_success._value.get() > 0
+    assert sample(metrics, "token_reset_bulk_last_success_timestamp_seconds") > 0
 
 
 async def test_two_replicas_racing_for_one_slot_run_it_once(

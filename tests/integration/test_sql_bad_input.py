@@ -7,7 +7,7 @@ import uuid
 import asyncpg
 import pytest
 
-from tests.factories import add_user
+from tests.support.users import add_user
 
 pytestmark = pytest.mark.anyio
 

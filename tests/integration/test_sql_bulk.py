@@ -11,8 +11,8 @@ import anyio
 import asyncpg
 import pytest
 
-from tests.factories import add_stale_users, add_user, make_stale
-from tests.waiting import wait_until
+from tests.support.users import add_stale_users, add_user, make_stale
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -58,7 +58,7 @@ async def test_bulk_rings_once_per_batch_with_the_id_range(database_url: str) ->
         await listener.add_listener(
             "token_resets", lambda *args: received.append(json.loads(args[3]))
         )
-        await add_stale_users(conn, 2_500)
+        await add_stale_users(conn, 2_500, used=10)
         result = json.loads(await conn.fetchval("SELECT token_reset_bulk_all(1000)"))
         assert result["reset_count"] == 2_500
         await wait_until(
@@ -131,7 +131,7 @@ async def test_per_write_notifications_can_be_turned_off(database_url: str) -> N
             " WHERE user_id = $1",
             user,
         )
-        await add_stale_users(conn, 10)
+        await add_stale_users(conn, 10, used=10)
         await conn.execute("SELECT reset_monthly_tokens_for_all_users()")
         await conn.execute("SELECT pg_notify('token_resets', 'marker')")
         await wait_until(lambda: "marker" in received, what="marker", deadline=10.0)

@@ -8,7 +8,7 @@ import uuid
 import asyncpg
 import pytest
 
-from tests.factories import add_user, reset_rows
+from tests.support.users import add_user, reset_rows
 
 pytestmark = pytest.mark.anyio
 

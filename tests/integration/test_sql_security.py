@@ -16,10 +16,10 @@ import pytest
 
 from listener.bulk import BulkResetError, run_bulk_reset
 from listener.sql import query
-from tests.database import with_database
-from tests.factories import add_user
-from tests.integration.bulk_support import settings_for
 from tests.integration.role_support import login_role
+from tests.support.database import with_database
+from tests.support.env import settings_for
+from tests.support.users import add_user
 
 pytestmark = pytest.mark.anyio
 

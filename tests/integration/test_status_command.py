@@ -3,38 +3,26 @@
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
-import anyio
 import asyncpg
 import pytest
 
 from listener.bulk import run_bulk_reset
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
-from tests.integration.bulk_support import (
-    REPO,
-    add_current_users,
-    add_stale_users,
-    cli_env,
-    settings_for,
-    unreachable_url,
-)
+from tests.support.bulk import unreachable_url
+from tests.support.cli import cli
+from tests.support.env import cli_env, settings_for
+from tests.support.metrics import sample
+from tests.support.users import add_current_users, add_stale_users
 
 pytestmark = pytest.mark.anyio
 
 
 async def status(database_url: str, *extra: str) -> tuple[int, str, str]:
     """Run `python -m listener status`; returns (exit code, stdout, stderr)."""
-    with anyio.fail_after(60):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "listener", "status", *extra],
-            env=cli_env(database_url),
-            cwd=REPO,
-            check=False,
-        )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
+    return await cli("status", *extra, env=cli_env(database_url))
 
 
 async def status_json(database_url: str) -> dict[str, Any]:
@@ -134,7 +122,7 @@ async def test_status_stale_users_is_the_gauge_for_the_same_database(
         assert await watchdog.check_once() is not None
     finally:
         watchdog.close()
-    gauge = metrics.registry.get_sample_value("token_reset_stale_users")
+    gauge = sample(metrics, "token_reset_stale_users")
 
     report = await status_json(database_url)
     assert report["stale_users"] == gauge == 5

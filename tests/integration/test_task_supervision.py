@@ -18,20 +18,15 @@ import anyio
 import asyncpg
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from listener.metrics import Metrics
 from listener.service import Service
-from tests.integration.listener_support import (
-    add_stale_users,
-    ready,
-    reset_by_trigger,
-    running,
-    settings_for,
-    wait_counts_match_ledger,
-)
-from tests.recording_server import RecordingServer
-from tests.waiting import wait_until
+from tests.support.env import listener_settings
+from tests.support.metrics import Scrape, sample
+from tests.support.recording_server import RecordingServer
+from tests.support.service import ready, running, wait_counts_match_ledger
+from tests.support.users import add_stale_users, reset_by_trigger
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -42,17 +37,12 @@ DEADLINE_SECONDS = 20.0
 
 def task_up(text: str) -> dict[str, float]:
     """token_reset_task_up per task, from a /metrics scrape."""
-    return {
-        sample.labels["task"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "token_reset_task_up"
-    }
+    return Scrape.parse(text).by_label("token_reset_task_up", "task")
 
 
 def gauge(metrics: Metrics, task: str) -> float | None:
     """token_reset_task_up{task} from the in-process registry."""
-    return metrics.registry.get_sample_value("token_reset_task_up", {"task": task})
+    return sample(metrics, "token_reset_task_up", task=task)
 
 
 @pytest.fixture
@@ -86,7 +76,7 @@ async def test_a_failing_task_is_reported_and_restarted(
     task: str, database_url: str, alertmanager: RecordingServer
 ) -> None:
     """The task fails: /readyz names it, its gauge drops to 0; it comes back to 1 and 200."""
-    settings = settings_for(
+    settings = listener_settings(
         database_url,
         watchdog_interval_seconds=0.1,
         alertmanager_url=alertmanager.url,
@@ -126,14 +116,16 @@ async def test_a_restarted_watchdog_keeps_moving_its_gauges(
 ) -> None:
     """After a crash the watchdog reads the database again: its gauges do not freeze."""
     metrics = Metrics.fresh()
-    async with running(settings_for(database_url, watchdog_interval_seconds=0.1), metrics) as svc:
+    async with running(
+        listener_settings(database_url, watchdog_interval_seconds=0.1), metrics
+    ) as svc:
         await ready(svc)
         svc.supervisor.fail("watchdog")
         await wait_until(lambda: gauge(metrics, "watchdog") == 0, what="watchdog down")
         await add_stale_users(conn, 4)
         svc.supervisor.recover("watchdog")
         await wait_until(
-            lambda: metrics.registry.get_sample_value("token_reset_stale_users") == 4,
+            lambda: sample(metrics, "token_reset_stale_users") == 4,
             deadline=DEADLINE_SECONDS,
             what="the restarted watchdog to export the 4 new stale users",
         )
@@ -144,7 +136,7 @@ async def test_a_restarted_listener_counts_what_happened_while_it_was_down(
 ) -> None:
     """The listener task dies and restarts: resets written meanwhile are counted, once."""
     users = await add_stale_users(conn, 6)
-    async with running(settings_for(database_url)) as service:
+    async with running(listener_settings(database_url)) as service:
         await ready(service)
         service.supervisor.fail("listener")
         await wait_until(lambda: gauge(service.metrics, "listener") == 0, what="listener down")
@@ -157,7 +149,7 @@ async def test_shutdown_is_prompt_while_every_task_is_failing(
     database_url: str, alertmanager: RecordingServer
 ) -> None:
     """Tasks in restart backoff do not delay the exit beyond shutdown_timeout_seconds."""
-    settings = settings_for(
+    settings = listener_settings(
         database_url, alertmanager_url=alertmanager.url, shutdown_timeout_seconds=5.0
     )
     service = Service(settings, Metrics.fresh(), handle_signals=False)

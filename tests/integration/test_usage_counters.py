@@ -8,11 +8,11 @@ import uuid
 import asyncpg
 import pytest
 
+from listener.commands.status import gather_status
 from listener.sql import query
-from listener.status import gather_status
-from tests.factories import add_stale_users, add_user
 from tests.integration.role_support import login_role
 from tests.integration.test_ledger_model import COUNTER_DRIFT
+from tests.support.users import add_stale_users, add_user
 
 pytestmark = pytest.mark.anyio
 
@@ -79,11 +79,7 @@ async def test_a_load_with_triggers_off_is_put_right_by_a_recount(
     conn: asyncpg.Connection,
 ) -> None:
     await conn.execute("SET session_replication_role = replica")
-    await conn.execute(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset)"
-        " SELECT gen_random_uuid(), 7, token_reset_period_start() - interval '2 days'"
-        " FROM generate_series(1, 20)"
-    )
+    await add_stale_users(conn, 20, used=7)
     await conn.execute("RESET session_replication_role")
     assert await conn.fetch(COUNTER_DRIFT) != []
     await conn.execute("SELECT token_reset_recount_usage()")

@@ -17,12 +17,15 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from listener.assessment import Assessment
 from listener.bulk import run_bulk_reset
 from listener.clock import utc_now
-from listener.config import Settings
 from listener.metrics import Metrics
-from listener.watchdog import Assessment, Watchdog, run_watchdog
-from tests.database import TestServer
+from listener.watchdog import Watchdog, run_watchdog
+from tests.support.database import TestServer
+from tests.support.env import settings_for
+from tests.support.metrics import sample
+from tests.support.users import add_current_users, add_stale_users
 
 pytestmark = pytest.mark.anyio
 
@@ -35,33 +38,16 @@ async def period_start(conn: asyncpg.Connection) -> datetime:
     return value
 
 
-async def add_users(conn: asyncpg.Connection, count: int, *, used: int, last_reset: str) -> None:
-    """Insert `count` users with `used` tokens, last reset at the given SQL expression."""
-    await conn.execute(
-        "INSERT INTO user_tokens (user_id, monthly_tokens_used, last_monthly_reset) "
-        f"SELECT gen_random_uuid(), $1, {last_reset} FROM generate_series(1, $2)",
-        used,
-        count,
-    )
-
-
 async def make_stale(conn: asyncpg.Connection, count: int) -> None:
     """`count` users still carrying last period's usage, plus two current ones."""
-    await add_users(
-        conn, count, used=77, last_reset="token_reset_period_start() - interval '10 days'"
-    )
-    await add_users(conn, 2, used=5, last_reset="now()")
+    await add_stale_users(conn, count, used=77)
+    await add_current_users(conn, 2, used=5)
 
 
 def clock_at(start: datetime, hours: float) -> Callable[[], datetime]:
     """A listener clock `hours` into the period that then runs with real time."""
     offset = start + timedelta(hours=hours) - utc_now()
     return lambda: utc_now() + offset
-
-
-def settings_for(database_url: str, **changes: object) -> Settings:
-    """Settings for one test's database; defaults to the production grace of 6 h."""
-    return Settings(database_url=database_url).with_overrides(**changes)
 
 
 async def check(database_url: str, metrics: Metrics, clock: Callable[[], datetime]) -> Assessment:
@@ -74,9 +60,9 @@ async def check(database_url: str, metrics: Metrics, clock: Callable[[], datetim
 
 def value(metrics: Metrics, name: str) -> float:
     """A gauge's current value from the registry (what /metrics would show)."""
-    sample = metrics.registry.get_sample_value(name)
-    assert sample is not None, f"{name} is not exported"
-    return sample
+    found = sample(metrics, name)
+    assert found is not None, f"{name} is not exported"
+    return found
 
 
 async def test_stale_users_past_grace_raise_and_bulk_reset_clears(
@@ -130,7 +116,7 @@ async def test_zero_resets_although_last_period_had_usage(
     conn: asyncpg.Connection, database_url: str
 ) -> None:
     """Usage wiped outside the ledger (nobody stale, no reset row) still pages."""
-    await add_users(conn, 1, used=0, last_reset="now()")
+    await add_current_users(conn, 1, used=0)
     user_id = await conn.fetchval("SELECT user_id FROM user_tokens")
     # A deduction last period (the ledger accepts explicit times; rows are append-only).
     await conn.execute(
@@ -151,7 +137,7 @@ async def test_usage_two_periods_ago_does_not_count_as_last_period(
     conn: asyncpg.Connection, database_url: str
 ) -> None:
     """Only the previous period's ledger rows say 'last month had usage'."""
-    await add_users(conn, 1, used=0, last_reset="now()")
+    await add_current_users(conn, 1, used=0)
     await conn.execute(
         "INSERT INTO token_transactions (user_id, operation, feature, amount, created_at, period) "
         "SELECT user_id, 'deduct', 'chat', 9, token_reset_period_start() - interval '45 days', "
@@ -169,7 +155,7 @@ async def wait_for_gauge(metrics: Metrics, name: str, expected: float) -> None:
     """Wait (with a deadline) until the gauge shows the expected value."""
     with anyio.fail_after(DEADLINE_SECONDS):
         # A gauge has no event to await; re-reading it under a deadline is the condition.
-        while metrics.registry.get_sample_value(name) != expected:  # noqa: ASYNC110
+        while sample(metrics, name) != expected:  # noqa: ASYNC110
             await anyio.sleep(0.02)
 
 

@@ -8,9 +8,10 @@ import pytest
 
 from listener.metrics import Metrics
 from listener.watchdog import Watchdog
-from tests.factories import add_stale_users
-from tests.integration.bulk_support import settings_for
-from tests.waiting import wait_until
+from tests.support.env import settings_for
+from tests.support.metrics import sample
+from tests.support.users import add_stale_users
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -25,8 +26,7 @@ def replica(database_url: str, name: str) -> Watchdog:
 
 
 def stale_gauge(watchdog: Watchdog) -> float | None:
-    value: float | None = watchdog.metrics.registry.get_sample_value("token_reset_stale_users")
-    return value
+    return sample(watchdog.metrics, "token_reset_stale_users")
 
 
 async def test_one_replica_checks_and_every_replica_exports_its_answer(

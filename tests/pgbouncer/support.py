@@ -29,7 +29,7 @@ import pytest
 
 from listener.embedded import free_port
 from tests.fault.proxy import with_address
-from tests.waiting import wait_until
+from tests.support.waiting import wait_until
 
 PoolMode = Literal["session", "transaction"]
 # The Debian package installs the binary outside a non-root user's PATH.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import sys
 from pathlib import Path
 
 import anyio
@@ -23,18 +22,12 @@ import asyncpg
 import pytest
 
 from listener.bulk import BulkResult, run_bulk_reset
-from tests.integration.bulk_support import (
-    REPO,
-    add_stale_users,
-    bulk_waiting_on_lock,
-    carrying_usage,
-    cli_env,
-    row_lock,
-    runs,
-    settings_for,
-)
 from tests.pgbouncer.support import PgBouncer, PoolMode, running_pgbouncer
-from tests.waiting import wait_until
+from tests.support.bulk import bulk_waiting_on_lock, row_lock, runs
+from tests.support.cli import cli as run
+from tests.support.env import cli_env, settings_for
+from tests.support.users import add_stale_users, carrying_usage
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.pgbouncer]
 
@@ -59,14 +52,7 @@ async def warm_pool(url: str, servers: int = WARM_SERVERS) -> None:
 
 async def cli(url: str, *args: str) -> tuple[int, str, str]:
     """`python -m listener <args>` against `url`; (exit code, stdout, stderr)."""
-    with anyio.fail_after(60):
-        done = await anyio.run_process(
-            [sys.executable, "-m", "listener", *args],
-            env=cli_env(url),
-            cwd=REPO,
-            check=False,
-        )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
+    return await run(*args, env=cli_env(url))
 
 
 def bouncer_for(

@@ -21,17 +21,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from listener.service import Service
-from tests.integration.listener_support import (
-    add_stale_users,
-    notifications,
-    ready,
-    reset_by_trigger,
-    running,
-    settings_for,
-    wait_counts_match_ledger,
-)
 from tests.pgbouncer.support import DROPPED_NOTIFICATION, running_pgbouncer
-from tests.waiting import wait_until
+from tests.support.env import listener_settings
+from tests.support.metrics import notifications, sample
+from tests.support.service import ready, running, wait_counts_match_ledger
+from tests.support.users import add_stale_users, reset_by_trigger
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.anyio, pytest.mark.pgbouncer]
 
@@ -41,7 +36,7 @@ POOLED_EVENT = "listener_not_receiving_notifications"
 
 def gauge(service: Service, name: str) -> float | None:
     """One unlabelled sample of the service's registry."""
-    return service.metrics.registry.get_sample_value(name)
+    return sample(service.metrics, name)
 
 
 async def test_session_mode_delivers_every_doorbell(
@@ -51,7 +46,7 @@ async def test_session_mode_delivers_every_doorbell(
     users = await add_stale_users(conn, DOORBELLS)
     async with running_pgbouncer(database_url, tmp_path, pool_mode="session") as bouncer:
         # The periodic catch-up is an hour away: only doorbells can make the counts move.
-        settings = settings_for(bouncer.url_for(database_url), catchup_interval_seconds=3600.0)
+        settings = listener_settings(bouncer.url_for(database_url), catchup_interval_seconds=3600.0)
         async with running(settings) as service:
             await ready(service)
             for user in users:  # one transaction, one doorbell each
@@ -77,7 +72,7 @@ async def test_transaction_mode_is_detected_within_one_probe_interval(
     users = await add_stale_users(conn, DOORBELLS)
     interval, timeout = 2.0, 0.5
     async with running_pgbouncer(database_url, tmp_path, pool_mode="transaction") as bouncer:
-        settings = settings_for(
+        settings = listener_settings(
             bouncer.url_for(database_url),
             probe_interval_seconds=interval,
             probe_timeout_seconds=timeout,
@@ -134,7 +129,7 @@ async def test_session_mode_survives_a_killed_server_connection(
     """Session mode, LISTEN backend killed: reconnects, hears doorbells again, never 'pooled'."""
     users = await add_stale_users(conn, 2)
     async with running_pgbouncer(database_url, tmp_path, pool_mode="session") as bouncer:
-        settings = settings_for(bouncer.url_for(database_url), catchup_interval_seconds=3600.0)
+        settings = listener_settings(bouncer.url_for(database_url), catchup_interval_seconds=3600.0)
         async with running(settings) as service:
             await ready(service)
             await reset_by_trigger(conn, users[:1])

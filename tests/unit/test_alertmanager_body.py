@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from listener.alertmanager import ALERT_LABELS, alert_body
+from listener.assessment import Snapshot, assess
 from listener.config import ConfigError, Settings
-from listener.watchdog import Snapshot, assess
 
 START = datetime(2026, 11, 1, tzinfo=UTC)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
-from listener.demo_scrape import STORY_ORDER, parse_metrics
-from listener.demo_story import plan_population
+from listener.demo.scrape import STORY_ORDER, parse_metrics
+from listener.demo.story import plan_population
 from listener.metrics import RESET_SOURCES, Metrics
 
 

@@ -20,6 +20,7 @@ from listener.payload import (
     parse_payload,
     probe_payload,
 )
+from tests.support.metrics import notifications
 
 ids = st.integers(min_value=1, max_value=MAX_ID)
 json_values = st.recursive(
@@ -154,10 +155,7 @@ def test_inverted_ranges_are_malformed(a: int, b: int) -> None:
 
 def overflow_count(metrics: Metrics) -> float:
     """token_reset_notifications_total{outcome="overflow"}."""
-    value = metrics.registry.get_sample_value(
-        "token_reset_notifications_total", {"outcome": "overflow"}
-    )
-    return value or 0.0
+    return float(notifications(metrics, "overflow"))
 
 
 @pytest.mark.anyio

@@ -7,13 +7,12 @@ error names the variable and the path, never the content.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from listener.config import ConfigError, Settings
+from tests.support.cli import run_cli
 
 SECRET = "s3cr3t-" + "x" * 25
 URL = "postgresql://app:p%40ss@db.internal:5432/tokens"
@@ -79,15 +78,7 @@ def test_an_empty_file_means_unset_like_an_empty_variable(tmp_path: Path) -> Non
 def test_the_cli_reads_them_and_exits_2_on_a_bad_one(tmp_path: Path) -> None:
     """The real command line: a missing file is exit 2 with one line, as any bad setting."""
     env = {"PATH": "/usr/bin:/bin", "DATABASE_URL_FILE": str(tmp_path / "absent")}
-    done = subprocess.run(
-        [sys.executable, "-m", "listener", "status"],
-        env=env,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_cli("status", env=env)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("token-reset: error: DATABASE_URL_FILE")
     assert len(done.stderr.strip().splitlines()) == 1

@@ -9,7 +9,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from structlog.testing import capture_logs
 
-from listener.watchdog import AlertTracker, Snapshot, assess
+from listener.assessment import Snapshot, assess
+from listener.watchdog import AlertTracker
 
 PERIOD_START = datetime(2026, 11, 1, tzinfo=UTC)
 GRACE = 6 * 3600.0

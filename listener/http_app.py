@@ -30,6 +30,8 @@ from listener.admin_api import admin_routes
 from listener.config import Settings
 from listener.metrics import Metrics
 
+# The logger name its events have always carried (the module was named http, which
+# shadowed the standard library's): log queries keep matching.
 log = structlog.get_logger("listener.http")
 
 # Reasons the service is not ready; empty means ready.

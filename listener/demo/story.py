@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from listener.admin_api import RESET_PATH
-from listener.demo_scrape import STORY_ORDER, Reading
+from listener.demo.scrape import STORY_ORDER, Reading
 
 SEED = 20241002
 LIMIT = 500

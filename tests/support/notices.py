@@ -17,8 +17,8 @@ import asyncpg
 
 from listener.bulk import BulkResult, run_bulk_reset
 from listener.config import Settings
-from tests.factories import LAST_MONTH_28TH
-from tests.recording_server import Received
+from tests.support.recording_server import Received
+from tests.support.users import LAST_MONTH_28TH
 
 JSON_PASSWORD = "PwXyzzyQwopRstuvGhijk"
 JSON_PATH_TOKEN = "PathTokQrstUvwxYzMnop"

@@ -42,8 +42,8 @@ from anyio.abc import TaskStatus
 from listener.admin_api import RESET_PATH
 from listener.config import MIN_CRON_SECRET_LENGTH, Settings
 from listener.database import connect
-from listener.demo_scrape import Reading, Timeline, WaitTimeout, demo_client, describe, http
-from listener.demo_story import Population, plan_population, summary_lines
+from listener.demo.scrape import Reading, Timeline, WaitTimeout, demo_client, describe, http
+from listener.demo.story import Population, plan_population, summary_lines
 from listener.embedded import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
@@ -343,28 +343,6 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
             yield from _leaves(exc)
         else:
             yield exc
-
-
-async def command(settings: Settings, args: argparse.Namespace) -> int:
-    """`token-reset demo`: tell the rollover story; --once exits 0 after the summary."""
-    if not 1 <= int(args.users) <= MAX_USERS:
-        print(f"token-reset demo: error: --users must be 1..{MAX_USERS}", file=sys.stderr)
-        return 2
-    if settings.database_url is not None:
-        say("ignoring DATABASE_URL: the demo always runs its own embedded PostgreSQL")
-    quiet_terminal(settings, args)
-    with contextlib.ExitStack() as stack:
-        try:
-            data_dir = choose_data_dir(args.data_dir, stack)
-        except EmbeddedPostgresError as exc:
-            print(f"token-reset demo: error: {exc}", file=sys.stderr, flush=True)
-            return 2
-        demo = Demo(settings, args, data_dir)
-        async with anyio.create_task_group() as group:
-            await group.start(demo.watch_signals)
-            code = await demo.run()
-            group.cancel_scope.cancel()
-    return code
 
 
 def quiet_terminal(settings: Settings, args: argparse.Namespace) -> None:

@@ -1,5 +1,7 @@
 """Where the tests' PostgreSQL comes from, and per-test databases cloned from a template.
 
+The benchmarks use the same server class (bench/common.py's BenchServer extends it).
+
 TEST_DATABASE_URL (a superuser URL of any database on the server) wins; otherwise the
 suite starts an embedded server of its own.  Nothing here ever skips: no database is a
 failure with the reason.
@@ -9,8 +11,8 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -43,21 +45,41 @@ class TestServer:
     __test__ = False  # not a test class, despite the name
     admin_url: str
     embedded: EmbeddedPostgres | None = None
+    # Clone templates by copying their files (PostgreSQL 15+): a large template (the
+    # benchmarks' million users) costs seconds instead of a flood of WAL.
+    file_copy: bool = False
 
     async def admin(self) -> asyncpg.Connection:
         """A connection to the maintenance database."""
         conn: asyncpg.Connection = await asyncpg.connect(self.admin_url)
         return conn
 
+    def url(self, database: str) -> str:
+        """URL of one database on this server."""
+        return with_database(self.admin_url, database)
+
     async def create_database(self, name: str, template: str | None = None) -> str:
         """Create a database (optionally cloned) and return its URL."""
         conn = await self.admin()
         try:
             clause = f" TEMPLATE {template}" if template else ""
+            if clause and self.file_copy and conn.get_server_version().major >= 15:
+                clause += " STRATEGY FILE_COPY"
             await conn.execute(f"CREATE DATABASE {name}{clause}")
         finally:
             await conn.close()
-        return with_database(self.admin_url, name)
+        return self.url(name)
+
+    async def migrated_database(self, prefix: str) -> tuple[str, str]:
+        """A new database with every migration applied; returns (name, url)."""
+        name = unique_name(prefix)
+        url = await self.create_database(name)
+        conn = await asyncpg.connect(url)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        return name, url
 
     async def drop_database(self, name: str) -> None:
         """Drop a database even if something still holds a connection to it."""
@@ -90,14 +112,43 @@ def unique_name(prefix: str) -> str:
 
 async def make_migrated_template(server: TestServer) -> str:
     """Create and migrate a template database; returns its name."""
-    name = unique_name("tr_template")
-    url = await server.create_database(name)
-    conn = await asyncpg.connect(url)
-    try:
-        await apply_migrations(conn)
-    finally:
-        await conn.close()
+    name, _ = await server.migrated_database("tr_template")
     return name
+
+
+@asynccontextmanager
+async def open_transaction(
+    database_url: str,
+    statement: str,
+    *args: object,
+    application_name: str | None = None,
+    commit: bool = False,
+) -> AsyncIterator[asyncpg.Connection]:
+    """A session of its own that ran `statement` in a transaction left open (holding its
+    locks, as a long application transaction would) until the block ends; then rolled
+    back, or committed with `commit`."""
+    settings = {} if application_name is None else {"application_name": application_name}
+    holder = await asyncpg.connect(database_url, server_settings=settings)
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute(statement, *args)
+        try:
+            yield holder
+        finally:
+            await (transaction.commit() if commit else transaction.rollback())
+    finally:
+        await holder.close()
+
+
+async def sessions_waiting_on_lock(conn: asyncpg.Connection, application_name: str) -> int:
+    """How many sessions of this database with that application_name wait on a lock."""
+    count: int = await conn.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name = $1 AND wait_event_type = 'Lock'",
+        application_name,
+    )
+    return count
 
 
 def run_sync(coro_fn, *args):  # type: ignore[no-untyped-def]

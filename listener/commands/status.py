@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from listener.clock import iso
 from listener.config import Settings
 from listener.database import connect
 from listener.sql import query
@@ -32,15 +32,15 @@ async def gather_status(conn: asyncpg.Connection) -> dict[str, Any]:
     if summary is None:
         raise RuntimeError("status_summary returned no row")
     return {
-        "checked_at": _iso(summary["database_now"]),
+        "checked_at": iso(summary["database_now"]),
         "period": summary["period"],
-        "period_start": _iso(summary["period_start"]),
+        "period_start": iso(summary["period_start"]),
         "users_total": summary["users_total"],
         "stale_users": summary["stale_users"],
         "users_untouched_this_period": summary["untouched_this_period"],
         "users_active_this_period": summary["active_this_period"],
         "period_resets": summary["period_resets"],
-        "last_reset_at": _iso(summary["last_reset_at"]),
+        "last_reset_at": iso(summary["last_reset_at"]),
         "last_bulk_run": _run(last_run),
         "last_successful_bulk_run": _run(last_success),
     }
@@ -115,13 +115,9 @@ def _run(row: asyncpg.Record | None) -> dict[str, Any] | None:
         "run_id": str(row["run_id"]),
         "source": row["source"],
         "outcome": row["outcome"],
-        "started_at": _iso(row["started_at"]),
-        "finished_at": _iso(row["finished_at"]),
+        "started_at": iso(row["started_at"]),
+        "finished_at": iso(row["finished_at"]),
         "reset_count": row["reset_count"],
         "batches": row["batches"],
         "error": row["error"],
     }
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat()
