@@ -33,7 +33,6 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.database import run_sync
 from tests.deploy.k8s_manifests import (
     REPO,
     SAMPLE_SECRETS,
@@ -44,6 +43,7 @@ from tests.deploy.k8s_manifests import (
     statefulset,
 )
 from tests.deploy.test_dockerfile import args_of, final_stage
+from tests.support.database import run_sync
 
 pytestmark = pytest.mark.acceptance
 

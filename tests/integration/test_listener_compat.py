@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from tests.factories import add_stale_users
+from tests.support.users import add_stale_users
 
 pytestmark = pytest.mark.anyio
 
