@@ -94,7 +94,11 @@ async def _create_history(conn: asyncpg.Connection) -> None:
     for attempt in range(1, _CREATE_ATTEMPTS + 1):
         try:
             await conn.execute(query("migration_history_create"))
-        except (asyncpg.UniqueViolationError, asyncpg.DuplicateTableError):
+        except (
+            asyncpg.UniqueViolationError,
+            asyncpg.DuplicateTableError,
+            asyncpg.DuplicateObjectError,  # its row type, created a moment before ours
+        ):
             if attempt == _CREATE_ATTEMPTS:
                 raise
         else:
