@@ -34,6 +34,8 @@ class Snapshot:
     # Read here, not only by the schedule: runs by an external cron (`token-reset
     # reset`) and restarts with the schedule off must still move the gauge.
     last_bulk_success_at: datetime | None = None
+    # Users with usage in this period (the usage counters): analytics, not judged.
+    active_users: int = 0
 
     def to_json(self) -> str:
         """The snapshot as the lease holder shares it with the other replicas."""
@@ -46,6 +48,7 @@ class Snapshot:
                 "last_reset_at": iso(self.last_reset_at),
                 "previous_period_had_usage": self.previous_period_had_usage,
                 "last_bulk_success_at": iso(self.last_bulk_success_at),
+                "active_users": self.active_users,
             }
         )
 
@@ -69,6 +72,7 @@ class Snapshot:
             last_reset_at=row["last_reset_at"],
             previous_period_had_usage=bool(row["previous_period_had_usage"]),
             last_bulk_success_at=row.get("last_bulk_success_at"),
+            active_users=int(row.get("active_users") or 0),
         )
 
 

@@ -91,6 +91,11 @@ class Metrics:
             "Users still carrying a previous period's usage (from the database).",
             registry=registry,
         )
+        self.period_active_users = Gauge(
+            "token_reset_period_active_users",
+            "Users with usage in the current period (from the database's usage counters).",
+            registry=registry,
+        )
         self.missed_month = Gauge(
             "token_reset_missed_month",
             "1 when, past the grace period, the monthly reset has not happened.",

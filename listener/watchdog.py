@@ -223,6 +223,7 @@ class Watchdog:
         snapshot = assessment.snapshot
         self.metrics.stale_users.set(snapshot.stale_users)
         self.metrics.month_resets.set(snapshot.month_resets)
+        self.metrics.period_active_users.set(snapshot.active_users)
         if snapshot.last_reset_at is not None:
             self.metrics.last_reset_timestamp.set(snapshot.last_reset_at.timestamp())
         if snapshot.last_bulk_success_at is not None:

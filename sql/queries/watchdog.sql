@@ -39,6 +39,9 @@ WITH counts AS MATERIALIZED (
            (SELECT coalesce(sum(c.resets), 0)::bigint
               FROM public.token_reset_usage c
              WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS month_resets,
+           (SELECT coalesce(sum(c.active_users), 0)::bigint
+              FROM public.token_reset_usage c
+             WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS active_users,
            (SELECT t.created_at
               FROM public.token_transactions t
              WHERE t.operation = 'reset'
@@ -50,6 +53,7 @@ SELECT pg_catalog.now() AS database_now,
        public.token_reset_period_label(pg_catalog.now()) AS period_label,
        c.stale_users,
        c.month_resets,
+       c.active_users,
        c.last_reset_at,
        (SELECT max(r.finished_at) FROM public.token_reset_bulk_runs r
          WHERE r.outcome = 'success') AS last_bulk_success_at,

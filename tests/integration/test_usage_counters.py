@@ -9,9 +9,13 @@ import asyncpg
 import pytest
 
 from listener.commands.status import gather_status
+from listener.metrics import Metrics
 from listener.sql import query
+from listener.watchdog import Watchdog
 from tests.integration.role_support import login_role
 from tests.integration.test_ledger_model import COUNTER_DRIFT
+from tests.support.env import settings_for
+from tests.support.metrics import sample
 from tests.support.users import add_stale_users, add_user
 
 pytestmark = pytest.mark.anyio
@@ -84,3 +88,26 @@ async def test_a_load_with_triggers_off_is_put_right_by_a_recount(
     assert await conn.fetch(COUNTER_DRIFT) != []
     await conn.execute("SELECT token_reset_recount_usage()")
     assert await conn.fetch(COUNTER_DRIFT) == []
+
+
+async def test_active_users_this_period_is_exported_and_equals_sql(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """token_reset_period_active_users: users with usage this period, as SQL over
+    user_tokens says, read from the counters at a cost that does not grow with users."""
+    await add_stale_users(conn, 5, used=4)
+    for _ in range(3):
+        user = await add_user(conn, used=0)
+        await conn.fetchval("SELECT deduct_tokens($1, 2, 'chat')", user)
+    await add_user(conn, used=0)
+    watchdog = Watchdog(settings_for(database_url), Metrics.fresh())
+    try:
+        await watchdog.check_once()
+    finally:
+        watchdog.close()
+    truth = await conn.fetchval(
+        "SELECT count(*) FROM user_tokens WHERE monthly_tokens_used > 0"
+        " AND last_monthly_reset >= token_reset_period_start()"
+    )
+    assert truth == 3
+    assert sample(watchdog.metrics, "token_reset_period_active_users") == truth

@@ -24,6 +24,7 @@ CONTRACT = {
     "token_reset_last_reset_timestamp_seconds": ("gauge", set()),
     "token_reset_month_resets": ("gauge", set()),
     "token_reset_stale_users": ("gauge", set()),
+    "token_reset_period_active_users": ("gauge", set()),
     "token_reset_missed_month": ("gauge", set()),
     "token_reset_notifications_total": ("counter", {"outcome"}),
     "token_reset_listener_connected": ("gauge", set()),
