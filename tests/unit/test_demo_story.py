@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from prometheus_client import generate_latest
 
 from listener.demo.scrape import STORY_ORDER, parse_metrics
@@ -9,9 +12,32 @@ from listener.demo.story import plan_population
 from listener.metrics import RESET_SOURCES, Metrics
 
 
-def test_population_is_the_same_on_every_run() -> None:
-    """A fixed seed: the README's summary is what a fresh clone prints."""
-    assert plan_population(300) == plan_population(300)
+def test_population_is_what_the_readme_summary_says() -> None:
+    """A fixed seed: the README's demo summary is what a fresh clone prints."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    users = re.search(
+        r"^users\s+(\d+) \((\d+) with last month's usage, (\d+) untouched at 0 used, "
+        r"(\d+) current\)",
+        readme,
+        re.MULTILINE,
+    )
+    by_source = re.search(
+        r"^resets by source\s+function (\d+), trigger (\d+), bulk (\d+)", readme, re.MULTILINE
+    )
+    assert users is not None, "README lost its demo summary"
+    assert by_source is not None, "README lost its demo summary"
+    total, stale, idle, current = (int(g) for g in users.groups())
+    population = plan_population(total)
+    assert (len(population.stale), len(population.idle), len(population.current)) == (
+        stale,
+        idle,
+        current,
+    )
+    function, trigger, bulk = (int(g) for g in by_source.groups())
+    vias = [write.via for write in population.traffic]
+    assert (vias.count("function"), vias.count("trigger")) == (function, trigger)
+    assert stale - function - trigger == bulk
+    assert plan_population(total) == population
 
 
 def test_population_partitions_the_users() -> None:
