@@ -117,22 +117,43 @@ class Run:
 async def run_pgbench(url: str, run: Run, scripts: Path) -> dict[str, float]:
     """Run pgbench once; returns tps and average latency, refusing any failed transaction."""
     workload = WORKLOADS[run.workload]
-    env = {**os.environ, "PGOPTIONS": f"-c synchronous_commit={run.synchronous_commit}"}
+    return await pgbench(
+        url,
+        scripts / f"{workload.script}.sql",
+        clients=run.clients,
+        seconds=run.seconds,
+        synchronous_commit=run.synchronous_commit,
+        defines={"nusers": run.users},
+    )
+
+
+async def pgbench(
+    url: str,
+    script: Path,
+    *,
+    clients: int,
+    seconds: int,
+    synchronous_commit: str,
+    defines: dict[str, int],
+) -> dict[str, float]:
+    """One `pgbench -n -M prepared -T s -c c -j c -f script` run (also used by
+    bench/scale.py): tps, average latency and transactions, refusing any failure."""
+    env = {**os.environ, "PGOPTIONS": f"-c synchronous_commit={synchronous_commit}"}
+    variables = [arg for name, value in defines.items() for arg in ("-D", f"{name}={value}")]
     process = await asyncio.create_subprocess_exec(
         str(pgbench_path()),
         "-n",
         "-M",
         "prepared",
         "-T",
-        str(run.seconds),
+        str(seconds),
         "-c",
-        str(run.clients),
+        str(clients),
         "-j",
-        str(run.clients),
-        "-D",
-        f"nusers={run.users}",
+        str(clients),
+        *variables,
         "-f",
-        str(scripts / f"{workload.script}.sql"),
+        str(script),
         url,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -144,7 +165,8 @@ async def run_pgbench(url: str, run: Run, scripts: Path) -> dict[str, float]:
     failed = _FAILED.search(text)
     if process.returncode != 0 or tps is None or (failed and int(failed.group(1)) > 0):
         raise RuntimeError(
-            f"pgbench {run} failed ({process.returncode}):\n{text}\n{err.decode(errors='replace')}"
+            f"pgbench {script.name} c={clients} failed ({process.returncode}):\n{text}\n"
+            f"{err.decode(errors='replace')}"
         )
     latency = _LATENCY.search(text)
     processed = _PROCESSED.search(text)
@@ -173,7 +195,7 @@ async def measure_once(
             cpu_before = server_cpu_seconds(postmaster) if postmaster else None
             result = await run_pgbench(url, run, scripts)
             if postmaster:
-                await _settle(conn, postmaster)
+                await settle(conn, postmaster)
             cpu_after = server_cpu_seconds(postmaster) if postmaster else None
             # pgbench's backends flushed their statistics when they exited.
             row = await conn.fetchrow(
@@ -196,9 +218,9 @@ async def measure_once(
     }
 
 
-async def _settle(conn: asyncpg.Connection, postmaster: int) -> None:
+async def settle(conn: asyncpg.Connection, postmaster: int) -> None:
     """Wait (bounded) until pgbench's backends have exited and been reaped, so their CPU
-    time is in the postmaster's children total when we read it."""
+    time is in the postmaster's children total when we read it (also bench/scale.py)."""
     deadline = time.monotonic() + SETTLE_SECONDS
     while time.monotonic() < deadline:
         others = await conn.fetchval(

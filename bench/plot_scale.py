@@ -1,0 +1,178 @@
+"""Render bench/results/scale.png from scale.json: three panels against N users.
+
+    python -m bench.plot_scale [--results bench/results/scale.json] [--output PNG]
+
+1. bulk reset seconds (median; whiskers to the best repetition) of the four contenders
+   and the minimal statement into the project's full ledger, log-log;
+2. deduct_tokens TPS over the bare counter UPDATE per (clients, synchronous_commit),
+   with the 0.6 target, and the row trigger's overhead on the same axis;
+3. watchdog_snapshot and status_summary latency right after the reset, beside a bare
+   ``count(*)`` of the users, log-log.
+
+The machine, the server and the load average are in the title.  bench/scale.py calls
+draw() after every run; this module is not a benchmark (``python -m bench`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
+BULK_STYLE = {
+    "function": ("reset_monthly_tokens_for_all_users()", "#c44e52", "-"),
+    "committing": ("run_bulk_reset (listener runner)", "#dd8452", "-"),
+    "minimal": ("minimal: UPDATE -> INSERT, lean ledger", "#4c72b0", "-"),
+    "minimal_full": ("minimal into the full ledger (ref.)", "#8172b3", "--"),
+    "bare": ("bare UPDATE", "#55a868", "-"),
+}
+LATENCY_STYLE = {
+    "watchdog_snapshot": ("watchdog_snapshot", "#c44e52"),
+    "status_summary": ("status_summary", "#dd8452"),
+    "bare_count_users": ("bare count(*) of users", "#55a868"),
+}
+
+
+def describe(payload: dict[str, Any]) -> str:
+    """One line: the machine, the server, the load, the data."""
+    machine, server = payload.get("machine", {}), payload.get("server", {})
+    memory = machine.get("memory_bytes")
+    ram = f", {memory / 2**30:.0f} GiB RAM" if memory else ""
+    load = machine.get("loadavg_before", [None])[0], machine.get("loadavg", [None])[0]
+    return (
+        f"{machine.get('nproc')} vCPUs (shared){ram}, {machine.get('platform', '')}, "
+        f"PostgreSQL {server.get('server_version', '?')} ({server.get('source', '?')}, "
+        f"shared_buffers {server.get('shared_buffers', '?')}); load avg 1-min before "
+        f"{load[0]:.1f}, after {load[1]:.1f}; {payload.get('ledger_per_user')} deductions "
+        f"+ 1 reset per user of ledger; {payload.get('repetitions')} repetitions"
+    )
+
+
+def _bulk(ax: Any, results: list[dict[str, Any]]) -> None:
+    for name, (label, color, style) in BULK_STYLE.items():
+        points = [
+            (r["users"], r["bulk"]["contenders"][name]["seconds"])
+            for r in results
+            if name in r["bulk"]["contenders"]
+        ]
+        if not points:
+            continue
+        xs = [p[0] for p in points]
+        med = [p[1]["median"] for p in points]
+        low = [p[1]["median"] - p[1]["min"] for p in points]
+        ax.errorbar(
+            xs,
+            med,
+            yerr=[low, [0] * len(low)],
+            label=label,
+            color=color,
+            linestyle=style,
+            marker="o",
+            capsize=3,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("stale users")
+    ax.set_ylabel("seconds (median; whisker to best)")
+    ax.set_title("bulk reset")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _writes(ax: Any, results: list[dict[str, Any]], target: float) -> None:
+    groups = sorted({(e["synchronous_commit"], e["clients"]) for r in results for e in r["writes"]})
+    for sync, clients in groups:
+        xs, ys, ovh = [], [], []
+        for r in results:
+            for e in r["writes"]:
+                if (e["synchronous_commit"], e["clients"]) == (sync, clients):
+                    xs.append(r["users"])
+                    ys.append(e["deduct_over_bare"]["median"])
+                    ovh.append(e["trigger_overhead"]["median"])
+        ax.plot(xs, ys, marker="o", label=f"deduct/bare, sync {sync}, {clients} clients")
+        ax.plot(
+            xs,
+            ovh,
+            marker="x",
+            linestyle=":",
+            alpha=0.6,
+            label=f"trigger overhead, sync {sync}, {clients} clients",
+        )
+    ax.axhline(
+        target, color="red", linestyle="--", linewidth=1, label=f"target deduct/bare {target}"
+    )
+    ax.axhline(0.10, color="grey", linestyle="--", linewidth=1, label="trigger overhead max 0.10")
+    ax.set_xscale("log")
+    ax.set_xlabel("users")
+    ax.set_ylabel("ratio of median TPS")
+    ax.set_title("deduct_tokens TPS / bare counter UPDATE")
+    ax.legend(fontsize=6)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def _latency(ax: Any, results: list[dict[str, Any]]) -> None:
+    for name, (label, color) in LATENCY_STYLE.items():
+        points = [
+            (r["users"], r["latency"][name]["seconds"]) for r in results if name in r["latency"]
+        ]
+        if not points:
+            continue
+        ax.plot(
+            [p[0] for p in points],
+            [1000 * p[1]["median"] for p in points],
+            marker="o",
+            color=color,
+            label=label,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("users")
+    ax.set_ylabel("ms (median)")
+    ax.set_title("latency right after the bulk reset")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def draw(payload: dict[str, Any], output: Path) -> Path:
+    """Three panels side by side, the machine in the title; returns the path."""
+    import matplotlib  # noqa: PLC0415  # optional (bench extra); imported only to draw
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    results = payload["results"]
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.6))
+    _bulk(axes[0], results)
+    _writes(axes[1], results, payload["targets"]["deduct_over_bare_min"])
+    _latency(axes[2], results)
+    skipped = ", ".join(f"{s['users']:,}" for s in payload.get("skipped", []))
+    title = "monthly-token-reset at scale" + (
+        " (SMOKE: numbers mean nothing)" if payload.get("smoke") else ""
+    )
+    fig.suptitle(
+        f"{title}\n{describe(payload)}" + (f"\nskipped (disk): {skipped}" if skipped else ""),
+        fontsize=9,
+    )
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Draw the PNG from a scale.json."""
+    parser = argparse.ArgumentParser(prog="python -m bench.plot_scale", description=__doc__)
+    parser.add_argument("--results", type=Path, default=RESULTS, help="scale.json")
+    parser.add_argument("--output", type=Path, default=None, help="PNG path")
+    args = parser.parse_args(argv)
+    payload = json.loads(args.results.read_text(encoding="utf-8"))
+    print(f"wrote {draw(payload, args.output or args.results.with_suffix('.png'))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
