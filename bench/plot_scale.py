@@ -36,18 +36,28 @@ LATENCY_STYLE = {
 }
 
 
+def _count(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 else f"{n // 1000}k"
+
+
 def describe(payload: dict[str, Any]) -> str:
-    """One line: the machine, the server, the load, the data."""
+    """Two lines: the machine and the server; the data and the load of each size."""
     machine, server = payload.get("machine", {}), payload.get("server", {})
     memory = machine.get("memory_bytes")
     ram = f", {memory / 2**30:.0f} GiB RAM" if memory else ""
-    load = machine.get("loadavg_before", [None])[0], machine.get("loadavg", [None])[0]
+    sizes = []
+    for r in payload["results"]:
+        run = r.get("run", {})
+        load = run.get("loadavg_before", [None])[0], run.get("loadavg_after", [None])[0]
+        where = f"{_count(r['users'])}: {r['ledger_per_user']} deductions/user"
+        where += f", {r.get('repetitions', payload.get('repetitions'))} reps"
+        if None not in load:
+            where += f", load {load[0]:.1f}->{load[1]:.1f}"
+        sizes.append(where)
     return (
         f"{machine.get('nproc')} vCPUs (shared){ram}, {machine.get('platform', '')}, "
         f"PostgreSQL {server.get('server_version', '?')} ({server.get('source', '?')}, "
-        f"shared_buffers {server.get('shared_buffers', '?')}); load avg 1-min before "
-        f"{load[0]:.1f}, after {load[1]:.1f}; {payload.get('ledger_per_user')} deductions "
-        f"+ 1 reset per user of ledger; {payload.get('repetitions')} repetitions"
+        f"shared_buffers {server.get('shared_buffers', '?')})\n" + "; ".join(sizes)
     )
 
 

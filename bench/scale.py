@@ -26,10 +26,12 @@ and draws bench/results/scale.png beside it (bench/plot_scale.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import tempfile
 import time
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,8 @@ async def run_size(
 ) -> dict[str, Any]:
     """Everything for one N; the templates are dropped afterwards."""
     started = time.perf_counter()
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    load_before = machine()["loadavg"]
     print(f"\n== {users:,} users, {args.ledger_per_user} deductions each", flush=True)
     base, timings = await scale_data.build_base(server, users, args.ledger_per_user, patch)
     print(f"  template built in {timings['load_seconds'] + timings['vacuum_seconds']:.1f} s")
@@ -125,6 +129,12 @@ async def run_size(
         "ledger_sizes": sizes,
         "writes": writes,
         "template_bytes": base_bytes,
+        # Each size's own load: sizes may come from separate runs (--merge-into).
+        "run": {
+            "started_at": started_at,
+            "loadavg_before": load_before,
+            "loadavg_after": machine()["loadavg"],
+        },
         "timings": {
             **timings,
             "bulk_phase_seconds": bulk_done - started - sum(timings.values()),
@@ -242,6 +252,27 @@ async def run(args: Any, patch: str | None) -> dict[str, Any]:
     }
 
 
+def merge(earlier: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """`now` plus the sizes of an earlier run it did not measure; each size keeps its
+    own settings and load (ratios are always within one size, so within one run)."""
+    ran = {r["users"] for r in now["results"]}
+    kept = [r for r in earlier["results"] if r["users"] not in ran]
+    for size in kept:
+        size.setdefault("ledger_per_user", earlier.get("ledger_per_user"))
+        size.setdefault("repetitions", earlier.get("repetitions"))
+    for size in now["results"]:
+        size["repetitions"] = now["repetitions"]
+    merged = dict(now)
+    merged["results"] = sorted([*kept, *now["results"]], key=lambda r: r["users"])
+    merged["sizes"] = [r["users"] for r in merged["results"]]
+    merged["skipped"] = [s for s in now["skipped"] if s["users"] not in ran]
+    merged["merged_from"] = [
+        *earlier.get("merged_from", []),
+        {"sizes": sorted(r["users"] for r in kept), "machine": earlier.get("machine")},
+    ]
+    return merged
+
+
 def _memory() -> dict[str, int]:
     try:
         line = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()[0]
@@ -347,6 +378,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--skip-writes", action="store_true", help="no pgbench phase")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    parser.add_argument(
+        "--merge-into",
+        type=Path,
+        default=None,
+        help="an earlier scale.json: keep its other sizes, replace the sizes run now",
+    )
     parser.add_argument("--patch", type=Path, default=None, help="SQL applied after migrating")
     args = parser.parse_args(argv)
     sizes = args.sizes or ",".join(map(str, SMOKE_SIZES if args.smoke else DEFAULT_SIZES))
@@ -367,6 +404,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("sizes must be positive and --ledger-per-user not negative")
     patch = args.patch.read_text(encoding="utf-8") if args.patch else None
     payload = asyncio.run(run(args, patch))
+    if args.merge_into is not None:
+        payload = merge(json.loads(args.merge_into.read_text(encoding="utf-8")), payload)
     output = args.output or default_output(NAME, args.smoke, patched=args.patch is not None)
     code = publish(payload, report, output, smoke=args.smoke)
     if not args.no_plot:
