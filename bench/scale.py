@@ -287,7 +287,8 @@ def report(payload: dict[str, Any]) -> None:
         n = size["users"]
         bulk = size["bulk"]
         print_table(
-            f"bulk reset, {n:,} stale users ({payload['repetitions']} reps)",
+            f"bulk reset, {n:,} stale users "
+            f"({size.get('repetitions', payload['repetitions'])} reps)",
             ["contender", "min s", "median s", "CPU s", "HOT", "heap +", "idle run s"],
             [
                 [

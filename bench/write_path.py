@@ -220,17 +220,45 @@ async def measure_once(
 
 async def settle(conn: asyncpg.Connection, postmaster: int) -> None:
     """Wait (bounded) until pgbench's backends have exited and been reaped, so their CPU
-    time is in the postmaster's children total when we read it (also bench/scale.py)."""
+    time is in the postmaster's children total when we read it (also bench/scale.py).
+
+    A backend leaves pg_stat_activity before its process ends; read in that gap, its
+    CPU time could be in neither the live children nor the reaped total, so the wait
+    also covers every process whose title names this database."""
+    database = await conn.fetchval("SELECT current_database()")
+    own = conn.get_server_pid()
     deadline = time.monotonic() + SETTLE_SECONDS
     while time.monotonic() < deadline:
         others = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            # An autovacuum worker may run for minutes after a big write: not ours to wait.
+            " AND backend_type = 'client backend'"
         )
-        if others == 0 and unreaped_children(postmaster) == 0:
+        if (
+            others == 0
+            and unreaped_children(postmaster) == 0
+            and not _serving(postmaster, database, own)
+        ):
             return
         await asyncio.sleep(0.02)
     raise RuntimeError(f"pgbench's backends still there after {SETTLE_SECONDS} s")
+
+
+def _serving(postmaster: int, database: str, own: int) -> bool:
+    """True while a child of the postmaster other than `own` serves `database`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == own:
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+            title = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[1] == str(postmaster) and f" {database} " in title:
+            return True
+    return False
 
 
 def write_scripts(folder: Path) -> Path:
