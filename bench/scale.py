@@ -175,7 +175,9 @@ def _bulk_summary(raw: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
                 continue
             mine, theirs = contenders[ours], contenders[baseline]
             entry = {s: ratio(mine["seconds"][s], theirs["seconds"][s]) for s in ("min", "median")}
-            if mine["server_cpu_seconds"] and theirs["server_cpu_seconds"]:
+            cpu = (mine["server_cpu_seconds"], theirs["server_cpu_seconds"])
+            # At smoke sizes a contender can take less than one clock tick of CPU.
+            if all(c and c["median"] > 0 for c in cpu):
                 entry["cpu_median"] = ratio(
                     mine["server_cpu_seconds"]["median"], theirs["server_cpu_seconds"]["median"]
                 )

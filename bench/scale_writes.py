@@ -188,7 +188,7 @@ def summarise(raw: dict[tuple[str, int, str], list[dict[str, Any]]]) -> list[dic
             for stat in ("median", "max")
         }
         per_txn = {name: w["server_cpu_us_per_txn"] for name, w in workloads.items()}
-        if all(per_txn.values()):
+        if all(value and value["median"] > 0 for value in per_txn.values()):
             med = {name: value["median"] for name, value in per_txn.items()}
             entry["deduct_over_bare"]["cpu"] = ratio(med["bare_counter"], med["deduct"])
             entry["deduct_over_triggers_off"]["cpu"] = ratio(
