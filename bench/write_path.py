@@ -117,22 +117,43 @@ class Run:
 async def run_pgbench(url: str, run: Run, scripts: Path) -> dict[str, float]:
     """Run pgbench once; returns tps and average latency, refusing any failed transaction."""
     workload = WORKLOADS[run.workload]
-    env = {**os.environ, "PGOPTIONS": f"-c synchronous_commit={run.synchronous_commit}"}
+    return await pgbench(
+        url,
+        scripts / f"{workload.script}.sql",
+        clients=run.clients,
+        seconds=run.seconds,
+        synchronous_commit=run.synchronous_commit,
+        defines={"nusers": run.users},
+    )
+
+
+async def pgbench(
+    url: str,
+    script: Path,
+    *,
+    clients: int,
+    seconds: int,
+    synchronous_commit: str,
+    defines: dict[str, int],
+) -> dict[str, float]:
+    """One `pgbench -n -M prepared -T s -c c -j c -f script` run (also used by
+    bench/scale.py): tps, average latency and transactions, refusing any failure."""
+    env = {**os.environ, "PGOPTIONS": f"-c synchronous_commit={synchronous_commit}"}
+    variables = [arg for name, value in defines.items() for arg in ("-D", f"{name}={value}")]
     process = await asyncio.create_subprocess_exec(
         str(pgbench_path()),
         "-n",
         "-M",
         "prepared",
         "-T",
-        str(run.seconds),
+        str(seconds),
         "-c",
-        str(run.clients),
+        str(clients),
         "-j",
-        str(run.clients),
-        "-D",
-        f"nusers={run.users}",
+        str(clients),
+        *variables,
         "-f",
-        str(scripts / f"{workload.script}.sql"),
+        str(script),
         url,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -144,7 +165,8 @@ async def run_pgbench(url: str, run: Run, scripts: Path) -> dict[str, float]:
     failed = _FAILED.search(text)
     if process.returncode != 0 or tps is None or (failed and int(failed.group(1)) > 0):
         raise RuntimeError(
-            f"pgbench {run} failed ({process.returncode}):\n{text}\n{err.decode(errors='replace')}"
+            f"pgbench {script.name} c={clients} failed ({process.returncode}):\n{text}\n"
+            f"{err.decode(errors='replace')}"
         )
     latency = _LATENCY.search(text)
     processed = _PROCESSED.search(text)
@@ -173,7 +195,7 @@ async def measure_once(
             cpu_before = server_cpu_seconds(postmaster) if postmaster else None
             result = await run_pgbench(url, run, scripts)
             if postmaster:
-                await _settle(conn, postmaster)
+                await settle(conn, postmaster)
             cpu_after = server_cpu_seconds(postmaster) if postmaster else None
             # pgbench's backends flushed their statistics when they exited.
             row = await conn.fetchrow(
@@ -196,19 +218,47 @@ async def measure_once(
     }
 
 
-async def _settle(conn: asyncpg.Connection, postmaster: int) -> None:
+async def settle(conn: asyncpg.Connection, postmaster: int) -> None:
     """Wait (bounded) until pgbench's backends have exited and been reaped, so their CPU
-    time is in the postmaster's children total when we read it."""
+    time is in the postmaster's children total when we read it (also bench/scale.py).
+
+    A backend leaves pg_stat_activity before its process ends; read in that gap, its
+    CPU time could be in neither the live children nor the reaped total, so the wait
+    also covers every process whose title names this database."""
+    database = await conn.fetchval("SELECT current_database()")
+    own = conn.get_server_pid()
     deadline = time.monotonic() + SETTLE_SECONDS
     while time.monotonic() < deadline:
         others = await conn.fetchval(
             "SELECT count(*) FROM pg_stat_activity"
             " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            # An autovacuum worker may run for minutes after a big write: not ours to wait.
+            " AND backend_type = 'client backend'"
         )
-        if others == 0 and unreaped_children(postmaster) == 0:
+        if (
+            others == 0
+            and unreaped_children(postmaster) == 0
+            and not _serving(postmaster, database, own)
+        ):
             return
         await asyncio.sleep(0.02)
     raise RuntimeError(f"pgbench's backends still there after {SETTLE_SECONDS} s")
+
+
+def _serving(postmaster: int, database: str, own: int) -> bool:
+    """True while a child of the postmaster other than `own` serves `database`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == own:
+            continue
+        try:
+            stat = (entry / "stat").read_text(encoding="ascii", errors="replace")
+            title = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[1] == str(postmaster) and f" {database} " in title:
+            return True
+    return False
 
 
 def write_scripts(folder: Path) -> Path:
