@@ -29,7 +29,6 @@ from bench.common import (
     local_backend_pid,
     postmaster_pid,
     server_cpu_seconds,
-    unique_name,
 )
 from bench.write_path import settle
 from listener.bulk import run_bulk_reset
@@ -38,6 +37,7 @@ from listener.logs import configure_logging
 from listener.metrics import Metrics
 from listener.service import Service
 from listener.sql import query
+from tests.support.database import unique_name
 
 CONSUMER = "bench-scale"
 LISTENER_TIMEOUT_SECONDS = 600.0

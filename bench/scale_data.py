@@ -22,9 +22,10 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import BenchServer, unique_name
+from bench.common import BenchServer
 from listener.bulk import run_bulk_reset
 from listener.config import Settings
+from tests.support.database import unique_name
 
 # The previous period, from the public period functions: the same expression the
 # watchdog uses for "last period".
@@ -63,10 +64,12 @@ SELECT md5('bench-user-' || n)::uuid, 1000000000,
 LOAD_PREVIOUS_RESETS = (
     _PREVIOUS
     + """
-INSERT INTO public.token_transactions (user_id, operation, feature, amount, created_at, metadata)
+INSERT INTO public.token_transactions
+       (user_id, operation, feature, amount, created_at, metadata, period)
 SELECT md5('bench-user-' || n)::uuid, 'reset', 'monthly_rollover', 1 + n % 499,
        prev.prev_start + (n - 1) * interval '1 millisecond',
-       public.token_reset_reset_metadata(prev.prev_label, 1 + n % 499, 'bulk')
+       public.token_reset_reset_metadata(prev.prev_label, 1 + n % 499, 'bulk'),
+       prev.prev_label
   FROM prev, generate_series(1, $1::integer) AS n
 """
 )
@@ -75,11 +78,13 @@ SELECT md5('bench-user-' || n)::uuid, 'reset', 'monthly_rollover', 1 + n % 499,
 LOAD_DEDUCTIONS = (
     _PREVIOUS
     + """
-INSERT INTO public.token_transactions (user_id, operation, feature, amount, created_at, metadata)
+INSERT INTO public.token_transactions
+       (user_id, operation, feature, amount, created_at, metadata, period)
 SELECT md5('bench-user-' || (i % $1 + 1))::uuid, 'deduct', 'bench',
        1 + ((i % $1 + 1) * 7 + i / $1 + 1) % 50,
        prev.prev_start + interval '3 hours' + i * (prev.span / ($1::bigint * $2 + 1)),
-       pg_catalog.jsonb_build_object('period', prev.prev_label)
+       pg_catalog.jsonb_build_object('period', prev.prev_label),
+       prev.prev_label
   FROM prev, generate_series(0::bigint, $1::bigint * $2 - 1) AS i
 """
 )
@@ -120,15 +125,28 @@ VACUUM = (
     "VACUUM (FREEZE, ANALYZE) public.token_transactions",
 )
 
+# The ledger is partitioned by period (migration 0006): the heap and each index are
+# summed over every partition (a partitioned parent's own size is 0).  Partition
+# indexes are named after their parent index through pg_inherits.
 LEDGER_SIZES = """
-SELECT c.relname AS name,
-       CASE WHEN c.oid = 'public.token_transactions'::regclass THEN 'heap' ELSE 'index' END
-           AS kind,
-       pg_relation_size(c.oid) AS bytes
-  FROM pg_class c
- WHERE c.oid = 'public.token_transactions'::regclass
-    OR c.oid IN (SELECT indexrelid FROM pg_index
-                  WHERE indrelid = 'public.token_transactions'::regclass)
+WITH parts AS (
+    SELECT relid FROM pg_partition_tree('public.token_transactions') WHERE isleaf
+), heap AS (
+    SELECT 'token_transactions' AS name, 'heap' AS kind, sum(pg_relation_size(relid)) AS bytes
+      FROM parts
+), indexes AS (
+    SELECT coalesce(parent.relname, idx.relname) AS name, 'index' AS kind,
+           sum(pg_relation_size(idx.oid)) AS bytes
+      FROM parts
+      JOIN pg_index i ON i.indrelid = parts.relid
+      JOIN pg_class idx ON idx.oid = i.indexrelid
+      LEFT JOIN pg_inherits h ON h.inhrelid = idx.oid
+      LEFT JOIN pg_class parent ON parent.oid = h.inhparent
+     GROUP BY 1
+)
+SELECT name, kind, bytes::bigint AS bytes FROM heap
+UNION ALL
+SELECT name, kind, bytes::bigint FROM indexes
  ORDER BY kind, name
 """
 
@@ -192,7 +210,10 @@ async def ledger_sizes(server: BenchServer, database: str) -> dict[str, Any]:
         resets = await conn.fetchval(
             "SELECT count(*) FROM public.token_transactions WHERE operation = 'reset'"
         )
-        total = await conn.fetchval("SELECT pg_total_relation_size('public.token_transactions')")
+        total = await conn.fetchval(
+            "SELECT sum(pg_total_relation_size(relid))::bigint"
+            " FROM pg_partition_tree('public.token_transactions') WHERE isleaf"
+        )
         parts = await conn.fetch(LEDGER_SIZES)
         user_table = await conn.fetchval("SELECT pg_total_relation_size('public.user_tokens')")
         database_bytes = await conn.fetchval("SELECT pg_database_size(current_database())")

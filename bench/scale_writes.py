@@ -35,9 +35,9 @@ from bench.common import (
     rotated,
     server_cpu_seconds,
     summary,
-    unique_name,
 )
 from bench.write_path import pgbench, settle
+from tests.support.database import unique_name
 
 TARGET_DEDUCT_OVER_BARE = 0.6
 TARGET_TRIGGER_OVERHEAD = 0.10

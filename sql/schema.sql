@@ -1233,7 +1233,7 @@ $function$;
 CREATE OR REPLACE FUNCTION public.token_reset_reset_metadata(p_period text, p_previous_used integer, p_source text)
  RETURNS jsonb
  LANGUAGE sql
- IMMUTABLE PARALLEL SAFE
+ STABLE PARALLEL SAFE
 AS $function$ SELECT pg_catalog.jsonb_build_object('period', p_period, 'previous_used', p_previous_used,
                                            'source', p_source) $function$;
 

@@ -91,5 +91,22 @@ def test_bench_runner_discovers_every_benchmark() -> None:
         check=True,
     )
     names = done.stdout.split()
-    assert {"bulk_reset", "write_path"} <= set(names)
+    assert {"bulk_reset", "write_path", "periodic_cost", "scale"} <= set(names)
     assert not {"common", "plot"} & set(names)
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_SECONDS + 10)
+def test_periodic_cost_smoke_reports_every_figure_per_size(tmp_path: Path) -> None:
+    """The periodic-cost smoke run measures the watchdog, status and the no-op run."""
+    result = run_smoke("periodic_cost", tmp_path / "periodic_cost.json")
+    assert result["smoke"] is True
+    assert [r["users"] for r in result["results"]] == [2_000, 20_000]
+    for row in result["results"]:
+        for key in (
+            "watchdog_check_seconds",
+            "status_seconds",
+            "bare_stale_scan_seconds",
+            "nothing_to_do_seconds",
+            "bulk_function_seconds",
+        ):
+            assert row[key] > 0, key
