@@ -84,6 +84,19 @@ class Zones:
 UTC_ZONES: Final = Zones.fixed(ZoneInfo("UTC"))
 
 
+def _fires(expression: str) -> bool:
+    """True when croniter reads the expression and it fires at least once.
+
+    Probed from a fixed date: an expression that never fires (31 February) must stop the
+    start, not hang or fail at midnight.
+    """
+    try:
+        croniter(expression, datetime(2000, 1, 1)).get_next(datetime)
+    except (CroniterBadCronError, CroniterBadDateError, ValueError, KeyError):
+        return False
+    return True
+
+
 def parse_schedule(raw: str) -> ScheduleSpec | None:
     """`off`, `HH:MM` (daily, UTC) or five cron fields (period zone); raises ValueError."""
     value = " ".join(raw.split()).lower()
@@ -94,15 +107,8 @@ def parse_schedule(raw: str) -> ScheduleSpec | None:
         hour, minute = int(parts[0]), int(parts[1])
         if 0 <= hour < 24 and 0 <= minute < 60:
             return ScheduleSpec(f"{minute} {hour} * * *", utc=True)
-    if len(value.split(" ")) == _FIELDS and not value.startswith("@"):
-        try:
-            # Probe from a fixed date: an expression that never fires (31 February)
-            # must stop the start, not hang or fail at midnight.
-            croniter(value, datetime(2000, 1, 1)).get_next(datetime)
-        except (CroniterBadCronError, CroniterBadDateError, ValueError, KeyError):
-            pass
-        else:
-            return ScheduleSpec(value, utc=False)
+    if len(value.split(" ")) == _FIELDS and not value.startswith("@") and _fires(value):
+        return ScheduleSpec(value, utc=False)
     raise ValueError(
         "RESET_SCHEDULE must be a five-field cron expression (read in the period zone, "
         f"e.g. '5 0 * * *'), 'HH:MM' (daily, UTC) or 'off', got {raw!r}"

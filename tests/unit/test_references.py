@@ -128,13 +128,13 @@ def test_every_cited_file_exists_in_the_repository() -> None:
 
 def test_the_scan_sees_a_missing_file_and_a_missing_migration() -> None:
     """The patterns catch what this test exists for (so a passing scan means something)."""
-    line = "names are DESIGN.md section 4's contract; see 0004's header and sql/queries/x.sql"
-    assert [m.group(1) for m in FILE_REFERENCE.finditer(line)] == ["DESIGN.md", "sql/queries/x.sql"]
+    line = "names are NOTES.md section 4's contract; see 0004's header and sql/queries/x.sql"
+    assert [m.group(1) for m in FILE_REFERENCE.finditer(line)] == ["NOTES.md", "sql/queries/x.sql"]
     assert [m.group(1) for m in MIGRATION_NUMBER.finditer(line)] == ["0004"]
     files = repo_files()
     assert exists("listener/service.py", "README.md", files)
     assert exists("../README.md", "deploy/README.md", files)
-    assert not exists("DESIGN.md", "listener/metrics.py", files)
+    assert not exists("NOTES.md", "listener/metrics.py", files)
 
 
 def test_not_files_are_still_cited() -> None:
