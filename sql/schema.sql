@@ -342,8 +342,8 @@ BEGIN
     VALUES (p_user_id, 'grant', p_reason, v_amount,
             jsonb_build_object('period', public.token_reset_period_label(greatest(now(), v_row.last_monthly_reset))))
     RETURNING id INTO v_id;
-    RETURN public.token_reset_answer(p_user_id, 0) - 'requested'
-           || jsonb_build_object(
+    -- The read answer (check_user_tokens) after the write, and what the write did.
+    RETURN public.check_user_tokens(p_user_id) || jsonb_build_object(
                'success', true, 'amount', v_amount, 'transaction_id', v_id,
                'reset', coalesce(v_cleared > 0, false));
 END
@@ -407,8 +407,8 @@ BEGIN
             jsonb_build_object('period', public.token_reset_period_label(now()),
                                'previous_limit', v_previous))
     RETURNING id INTO v_id;
-    RETURN public.token_reset_answer(p_user_id, 0) - 'requested'
-           || jsonb_build_object(
+    -- The read answer (check_user_tokens) after the write, and what the write did.
+    RETURN public.check_user_tokens(p_user_id) || jsonb_build_object(
                'success', true, 'previous_limit', v_previous, 'transaction_id', v_id,
                'reset', coalesce(v_cleared > 0, false));
 END
