@@ -63,6 +63,7 @@ async def apply_migrations(
     available = migrations()
     target = available[-1].version if target is None else target
     await _create_history(conn)
+    await _refuse_a_planted_history(conn)
     lock = _HistoryLock(conn, lock_timeout_seconds)
     applied: list[int] = []
     while True:
@@ -88,6 +89,18 @@ async def apply_migrations(
             )
         applied.append(migration.version)
         log.info("migration_applied", version=migration.version, name=migration.name)
+
+
+async def _refuse_a_planted_history(conn: asyncpg.Connection) -> None:
+    """Never write history rows into a table another role made (and could trigger on)."""
+    row = await conn.fetchrow(query("migration_history_trusted"))
+    if row is None or not row["trusted"]:
+        owner = "nobody" if row is None else row["owner"]
+        raise MigrationError(
+            f"public.token_reset_migrations is owned by {owner} or has a trigger: not "
+            "written, since a role that may CREATE in schema public can plant it; drop it "
+            "(as its owner or a superuser) and REVOKE CREATE ON SCHEMA public FROM PUBLIC"
+        )
 
 
 async def _create_history(conn: asyncpg.Connection) -> None:

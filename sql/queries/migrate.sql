@@ -15,6 +15,21 @@ CREATE TABLE IF NOT EXISTS public.token_reset_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 
+-- name: migration_history_trusted
+-- The history table is written by the migrating role: it must be owned by that role,
+-- the database's owner or a superuser, and carry no trigger.  Where PUBLIC may CREATE
+-- in schema public, any role could have created it first (CREATE TABLE IF NOT EXISTS
+-- accepts theirs) with a trigger that runs as whoever inserts the history rows.
+SELECT pg_catalog.pg_get_userbyid(c.relowner) AS owner,
+       (c.relowner = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+        OR c.relowner = (SELECT d.datdba FROM pg_catalog.pg_database d
+                          WHERE d.datname = pg_catalog.current_database())
+        OR (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = c.relowner))
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                        WHERE t.tgrelid = c.oid AND NOT t.tgisinternal) AS trusted
+  FROM pg_catalog.pg_class c
+ WHERE c.oid = 'public.token_reset_migrations'::pg_catalog.regclass
+
 -- name: migration_lock_nowait
 LOCK TABLE public.token_reset_migrations IN EXCLUSIVE MODE NOWAIT
 
