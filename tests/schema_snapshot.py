@@ -46,7 +46,9 @@ SELECT c.relname, c.relkind, c.relispartition,
 """
 _COLUMNS = """
 SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull,
-       pg_get_expr(d.adbin, d.adrelid) AS default, a.attidentity
+       pg_get_expr(d.adbin, d.adrelid) AS default,
+       -- "char" arrives as bytes (b'\\x00' when none): compare it as text in SQL
+       a.attidentity::text AS attidentity
   FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
  WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped
  ORDER BY a.attnum
@@ -98,7 +100,7 @@ async def render(conn: asyncpg.Connection) -> str:
         lines = []
         for col in await conn.fetch(_COLUMNS, name):
             line = f"    {col['attname']} {col['type']}"
-            if col["attidentity"]:
+            if col["attidentity"] in ("a", "d"):
                 kind = "ALWAYS" if col["attidentity"] == "a" else "BY DEFAULT"
                 line += f" GENERATED {kind} AS IDENTITY"
             elif col["default"] is not None:

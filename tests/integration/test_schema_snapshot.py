@@ -27,3 +27,15 @@ async def test_schema_sql_is_what_the_migrations_make(conn: asyncpg.Connection) 
         assert rendered == checked_in, hint
     else:
         assert without_views(rendered) == without_views(checked_in), hint
+
+
+async def test_columns_are_rendered_as_the_catalog_has_them(conn: asyncpg.Connection) -> None:
+    """Identity only where the catalog says identity; a default wherever one exists."""
+    rendered = await render(conn)
+    identities = await conn.fetchval(
+        "SELECT count(*) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+        " WHERE c.relnamespace = 'public'::regnamespace AND a.attidentity <> ''"
+        "   AND NOT c.relispartition AND c.relkind IN ('r', 'p')"
+    )
+    assert rendered.count("AS IDENTITY") == identities
+    assert "monthly_tokens_used integer DEFAULT 0 NOT NULL" in rendered
