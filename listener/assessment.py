@@ -34,8 +34,15 @@ class Snapshot:
     # Read here, not only by the schedule: runs by an external cron (`token-reset
     # reset`) and restarts with the schedule off must still move the gauge.
     last_bulk_success_at: datetime | None = None
-    # Users with usage in this period (the usage counters): analytics, not judged.
+    # Usage analytics, exported but not judged (the usage counters, 0005 and 0011; the
+    # deduction totals, 0010): users with usage this period, those at or above 80 %
+    # and 100 % of their limit, this period's deducted tokens by feature (the largest
+    # few by name, the rest as "other"), and every deduction ever refused.
     active_users: int = 0
+    near_limit_users: int = 0
+    at_limit_users: int = 0
+    tokens_by_feature: tuple[tuple[str, int], ...] = ()
+    refused_deductions: int = 0
 
     def to_json(self) -> str:
         """The snapshot as the lease holder shares it with the other replicas."""
@@ -49,6 +56,10 @@ class Snapshot:
                 "previous_period_had_usage": self.previous_period_had_usage,
                 "last_bulk_success_at": iso(self.last_bulk_success_at),
                 "active_users": self.active_users,
+                "near_limit_users": self.near_limit_users,
+                "at_limit_users": self.at_limit_users,
+                "tokens_by_feature": [list(pair) for pair in self.tokens_by_feature],
+                "refused_deductions": self.refused_deductions,
             }
         )
 
@@ -73,7 +84,17 @@ class Snapshot:
             previous_period_had_usage=bool(row["previous_period_had_usage"]),
             last_bulk_success_at=row.get("last_bulk_success_at"),
             active_users=int(row.get("active_users") or 0),
+            near_limit_users=int(row.get("near_limit_users") or 0),
+            at_limit_users=int(row.get("at_limit_users") or 0),
+            tokens_by_feature=_feature_pairs(row.get("tokens_by_feature")),
+            refused_deductions=int(row.get("refused_deductions") or 0),
         )
+
+
+def _feature_pairs(value: str | list[list[Any]] | None) -> tuple[tuple[str, int], ...]:
+    """[[feature, tokens], ...] as the query's jsonb (text) or as shared JSON (a list)."""
+    pairs: list[list[Any]] = json.loads(value) if isinstance(value, str) else (value or [])
+    return tuple((str(feature), int(tokens)) for feature, tokens in pairs)
 
 
 @dataclass(frozen=True)

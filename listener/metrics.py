@@ -8,7 +8,8 @@ has them, a private one must add them) and token_reset_build_info{version}.
 
 from __future__ import annotations
 
-from typing import Final, Literal, get_args
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final, Literal, get_args
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,8 +19,13 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from listener import __version__
+
+if TYPE_CHECKING:
+    from listener.assessment import Snapshot
 
 # The *_created series double every counter's output and no rule or panel uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped upstream
@@ -37,6 +43,11 @@ NOTIFICATION_OUTCOMES: Final[tuple[str, ...]] = get_args(NotificationOutcome)
 BULK_OUTCOMES: Final[tuple[str, ...]] = get_args(BulkOutcome)
 NOTICE_OUTCOMES: Final[tuple[str, ...]] = get_args(NoticeOutcome)
 TASKS: Final[tuple[str, ...]] = get_args(TaskName)
+# token_reset_users_near_limit's thresholds, as shares of the limit (0011's
+# token_reset_limit_reached counts 80 and 100 percent).
+NEAR_LIMIT_THRESHOLDS: Final = ("0.8", "1")
+# The feature label of every feature beyond the largest few (listener.watchdog).
+OTHER_FEATURES: Final = "other"
 # Commit-to-metric lag: sub-millisecond when healthy, minutes after an outage.
 LAG_BUCKETS: Final = (
     0.001,
@@ -58,6 +69,30 @@ LAG_BUCKETS: Final = (
     900.0,
     3600.0,
 )
+
+
+class DatabaseCounter(Collector):
+    """A counter whose value the database keeps: exported as read, never incremented.
+
+    prometheus_client's Counter only counts up from the process's start; this one
+    reports the database's running total, so a restart neither resets nor repeats it.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value = 0.0
+        registry.register(self)
+
+    def set(self, value: float) -> None:
+        """The database's total, as last read."""
+        self.value = value
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value)
+
+    def describe(self) -> Iterator[Metric]:
+        return self.collect()
 
 
 class Metrics:
@@ -95,6 +130,26 @@ class Metrics:
             "token_reset_period_active_users",
             "Users with usage in the current period (from the database's usage counters).",
             registry=registry,
+        )
+        self.period_tokens_deducted = Gauge(
+            "token_reset_period_tokens_deducted",
+            "Tokens deducted in the current period (from the ledger), by feature: the "
+            'largest features by name, every other one summed as feature="other".',
+            ["feature"],
+            registry=registry,
+        )
+        self.users_near_limit = Gauge(
+            "token_reset_users_near_limit",
+            "Users of the current period at or above `threshold` (0.8, 1) of their monthly "
+            "limit (from the database's usage counters).",
+            ["threshold"],
+            registry=registry,
+        )
+        self.deductions_refused = DatabaseCounter(
+            "token_reset_deductions_refused",
+            "deduct_tokens calls refused for being over the allowance (the database's "
+            "running total).",
+            registry,
         )
         self.missed_month = Gauge(
             "token_reset_missed_month",
@@ -188,6 +243,25 @@ class Metrics:
             self.bulk_runs.labels(outcome=bulk_outcome)
         for notice_outcome in NOTICE_OUTCOMES:
             self.notices.labels(outcome=notice_outcome)
+        for threshold in NEAR_LIMIT_THRESHOLDS:
+            self.users_near_limit.labels(threshold=threshold)
+        self.period_tokens_deducted.labels(feature=OTHER_FEATURES)
+
+    def export_usage(self, snapshot: Snapshot) -> None:
+        """The usage analytics of one watchdog snapshot.
+
+        The feature series are replaced as a set: a feature that left the largest few
+        (or a new period with none yet) must not keep its old value.  "other" always
+        exists, so the sum over features is never empty.
+        """
+        self.period_active_users.set(snapshot.active_users)
+        self.users_near_limit.labels(threshold="0.8").set(snapshot.near_limit_users)
+        self.users_near_limit.labels(threshold="1").set(snapshot.at_limit_users)
+        self.deductions_refused.set(snapshot.refused_deductions)
+        self.period_tokens_deducted.clear()
+        self.period_tokens_deducted.labels(feature=OTHER_FEATURES)
+        for feature, tokens in snapshot.tokens_by_feature:
+            self.period_tokens_deducted.labels(feature=feature).set(tokens)
 
     @classmethod
     def fresh(cls) -> Metrics:

@@ -75,13 +75,15 @@ class AlertTracker:
 
 
 async def fetch_snapshot(conn: asyncpg.Connection) -> Snapshot:
-    """Create the ledger's coming partitions, fold the usage counters, then check.
+    """Create the ledger's coming partitions, fold the counters and totals, then check.
 
-    The fold keeps the snapshot's cost at the writes since the last check, whatever the
-    number of users; it commits on its own, so a failed snapshot loses nothing.
+    The folds keep the snapshot's cost at the writes since the last check, whatever the
+    number of users or the size of the ledger; each commits on its own, so a failed
+    snapshot loses nothing.
     """
     await conn.execute(query("watchdog_partitions"), timeout=DB_TIMEOUT_SECONDS)
     await conn.execute(query("watchdog_compact"), timeout=DB_TIMEOUT_SECONDS)
+    await conn.execute(query("watchdog_fold_deductions"), timeout=DB_TIMEOUT_SECONDS)
     row = await conn.fetchrow(query("watchdog_snapshot"), timeout=DB_TIMEOUT_SECONDS)
     if row is None:  # a SELECT without FROM filter always returns a row
         raise RuntimeError("watchdog_snapshot returned no row")
@@ -223,7 +225,7 @@ class Watchdog:
         snapshot = assessment.snapshot
         self.metrics.stale_users.set(snapshot.stale_users)
         self.metrics.month_resets.set(snapshot.month_resets)
-        self.metrics.period_active_users.set(snapshot.active_users)
+        self.metrics.export_usage(snapshot)
         if snapshot.last_reset_at is not None:
             self.metrics.last_reset_timestamp.set(snapshot.last_reset_at.timestamp())
         if snapshot.last_bulk_success_at is not None:

@@ -39,6 +39,24 @@ CREATE TABLE public.token_reset_declared_privileges (
     CONSTRAINT token_reset_declared_privileges_kind_check CHECK ((kind = ANY (ARRAY['table'::text, 'routine'::text]))),
     CONSTRAINT token_reset_declared_privileges_pkey PRIMARY KEY (grantee, kind, object, privilege)
 );
+CREATE TABLE public.token_reset_deduction_cursor (
+    singleton boolean DEFAULT true NOT NULL,
+    last_id bigint NOT NULL,
+    pending_id bigint,
+    pending_writers text[] DEFAULT '{}'::text[] NOT NULL,
+    updated_at timestamp with time zone DEFAULT now() NOT NULL,
+    CONSTRAINT token_reset_deduction_cursor_last_id_non_negative CHECK ((last_id >= 0)),
+    CONSTRAINT token_reset_deduction_cursor_one_row CHECK (singleton),
+    CONSTRAINT token_reset_deduction_cursor_pkey PRIMARY KEY (singleton)
+);
+CREATE TABLE public.token_reset_deduction_totals (
+    period text NOT NULL,
+    feature text NOT NULL,
+    tokens bigint DEFAULT 0 NOT NULL,
+    deductions bigint DEFAULT 0 NOT NULL,
+    CONSTRAINT token_reset_deduction_totals_period_format CHECK ((period ~ '^[0-9]{4}-(0[1-9]|1[0-2])$'::text)),
+    CONSTRAINT token_reset_deduction_totals_pkey PRIMARY KEY (period, feature)
+);
 CREATE TABLE public.token_reset_leases (
     name text NOT NULL,
     holder text NOT NULL,
@@ -114,6 +132,8 @@ CREATE TABLE public.token_reset_usage_deltas (
     users bigint DEFAULT 0 NOT NULL,
     active_users bigint DEFAULT 0 NOT NULL,
     resets bigint DEFAULT 0 NOT NULL,
+    near_limit_users bigint DEFAULT 0 NOT NULL,
+    at_limit_users bigint DEFAULT 0 NOT NULL,
     CONSTRAINT token_reset_usage_deltas_period_format CHECK ((period ~ '^[0-9]{4}-(0[1-9]|1[0-2])$'::text))
 );
 CREATE TABLE public.token_transactions (
@@ -159,7 +179,9 @@ CREATE VIEW public.token_reset_usage AS
  SELECT period,
     sum(users)::bigint AS users,
     sum(active_users)::bigint AS active_users,
-    sum(resets)::bigint AS resets
+    sum(resets)::bigint AS resets,
+    sum(near_limit_users)::bigint AS near_limit_users,
+    sum(at_limit_users)::bigint AS at_limit_users
    FROM token_reset_usage_deltas
   GROUP BY period;
 CREATE VIEW public.user_tokens_with_auto_reset AS
@@ -273,7 +295,9 @@ BEGIN
             RAISE EXCEPTION 'unknown user: %', p_user_id USING ERRCODE = 'no_data_found';
         END IF;
         IF v_amount > v_row.monthly_token_limit - v_row.monthly_tokens_used THEN
-            -- Raising rolls back the reset above as well: nothing is written.
+            -- Raising rolls back the reset above as well: nothing is written, but the
+            -- refusal is counted (a sequence's step survives the rollback).
+            PERFORM nextval('public.token_reset_refused_deductions'::regclass);
             RAISE EXCEPTION 'token allowance exceeded: % used + % requested > limit %',
                     v_row.monthly_tokens_used, v_amount, v_row.monthly_token_limit
                 USING ERRCODE = 'check_violation',
@@ -412,6 +436,30 @@ BEGIN
                'success', true, 'previous_limit', v_previous, 'transaction_id', v_id,
                'reset', coalesce(v_cleared > 0, false));
 END
+$function$;
+
+CREATE OR REPLACE FUNCTION public.token_reset_add_deductions(p_after bigint, p_upto bigint, p_since text DEFAULT NULL::text)
+ RETURNS bigint
+ LANGUAGE sql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+WITH found AS (
+    SELECT coalesce(t.metadata ->> 'period', t.period) AS period,
+           coalesce(t.feature, '(none)') AS feature, sum(t.amount) AS tokens,
+           count(*) AS deductions
+      FROM public.token_transactions t
+     WHERE t.id > p_after AND t.id <= p_upto AND t.operation = 'deduct'
+       AND t.period >= coalesce(to_char(to_date(p_since || '-01', 'YYYY-MM-DD')
+                                        - interval '1 month', 'YYYY-MM'), '')
+     GROUP BY 1, 2
+    HAVING coalesce(t.metadata ->> 'period', t.period) >= coalesce(p_since, '')
+), added AS (
+    INSERT INTO public.token_reset_deduction_totals AS d (period, feature, tokens, deductions)
+    SELECT period, feature, tokens, deductions FROM found
+    ON CONFLICT (period, feature) DO UPDATE
+       SET tokens = d.tokens + excluded.tokens, deductions = d.deductions + excluded.deductions
+)
+SELECT coalesce(sum(deductions), 0)::bigint FROM found
 $function$;
 
 CREATE OR REPLACE FUNCTION public.token_reset_answer(p_user_id uuid, p_amount integer)
@@ -821,14 +869,19 @@ BEGIN
       INTO v_logged, reset_count, first_id, last_id
       FROM logged;
     SELECT count(*) FILTER (WHERE u > 0) INTO v_active FROM unnest(p_used) AS u;
-    INSERT INTO public.token_reset_usage_deltas (period, users, active_users, resets)
+    INSERT INTO public.token_reset_usage_deltas
+           (period, users, active_users, resets, near_limit_users, at_limit_users)
     SELECT public.token_reset_period_label(o.last_monthly_reset), -count(*),
-           -count(*) FILTER (WHERE o.monthly_tokens_used > 0), 0
+           -count(*) FILTER (WHERE o.monthly_tokens_used > 0), 0,
+           -count(*) FILTER (WHERE public.token_reset_limit_reached(
+                                 o.monthly_tokens_used, o.monthly_token_limit, 80)),
+           -count(*) FILTER (WHERE public.token_reset_limit_reached(
+                                 o.monthly_tokens_used, o.monthly_token_limit, 100))
       FROM public.user_tokens o
      WHERE o.user_id = ANY (p_ids)
      GROUP BY 1
     UNION ALL
-    SELECT v_period, cardinality(p_ids), v_active - reset_count, reset_count;
+    SELECT v_period, cardinality(p_ids), v_active - reset_count, reset_count, 0, 0;
     -- Counted above: the row trigger lets these UPDATEs through uncounted.
     PERFORM set_config('token_reset.counting', 'self', true);
     UPDATE public.user_tokens
@@ -837,9 +890,19 @@ BEGIN
     IF reset_count < cardinality(p_ids) THEN
         SELECT coalesce(array_agg(k.id), '{}') INTO v_kept
           FROM (SELECT unnest(p_ids) EXCEPT SELECT unnest(v_logged)) AS k(id);
-        UPDATE public.user_tokens
-           SET last_monthly_reset = now(), updated_at = now()
-         WHERE user_id = ANY (v_kept);
+        -- Kept users (reset already this period) keep their usage, so they stay
+        -- near their limit in this period if they were.
+        WITH kept AS (
+            UPDATE public.user_tokens
+               SET last_monthly_reset = now(), updated_at = now()
+             WHERE user_id = ANY (v_kept)
+            RETURNING monthly_tokens_used AS used, monthly_token_limit AS lim
+        )
+        INSERT INTO public.token_reset_usage_deltas (period, near_limit_users, at_limit_users)
+        SELECT v_period,
+               count(*) FILTER (WHERE public.token_reset_limit_reached(used, lim, 80)),
+               count(*) FILTER (WHERE public.token_reset_limit_reached(used, lim, 100))
+          FROM kept;
     END IF;
     PERFORM set_config('token_reset.counting', '', true);
     IF p_source = 'bulk' AND reset_count > 0 THEN
@@ -858,11 +921,14 @@ AS $function$
 WITH gone AS (
     DELETE FROM public.token_reset_usage_deltas RETURNING *
 ), folded AS (
-    INSERT INTO public.token_reset_usage_deltas (period, users, active_users, resets)
-    SELECT period, sum(users), sum(active_users), sum(resets)
+    INSERT INTO public.token_reset_usage_deltas
+           (period, users, active_users, resets, near_limit_users, at_limit_users)
+    SELECT period, sum(users), sum(active_users), sum(resets), sum(near_limit_users),
+           sum(at_limit_users)
       FROM gone
      GROUP BY period
     HAVING sum(users) <> 0 OR sum(active_users) <> 0 OR sum(resets) <> 0
+        OR sum(near_limit_users) <> 0 OR sum(at_limit_users) <> 0
     RETURNING 1
 )
 SELECT count(*)::integer FROM gone
@@ -921,14 +987,24 @@ CREATE OR REPLACE FUNCTION public.token_reset_count_usage()
 AS $function$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        INSERT INTO public.token_reset_usage_deltas (period, users, active_users)
+        INSERT INTO public.token_reset_usage_deltas
+               (period, users, active_users, near_limit_users, at_limit_users)
         VALUES (public.token_reset_period_label(OLD.last_monthly_reset), -1,
-                CASE WHEN OLD.monthly_tokens_used > 0 THEN -1 ELSE 0 END);
+                CASE WHEN OLD.monthly_tokens_used > 0 THEN -1 ELSE 0 END,
+                CASE WHEN public.token_reset_limit_reached(
+                         OLD.monthly_tokens_used, OLD.monthly_token_limit, 80) THEN -1 ELSE 0 END,
+                CASE WHEN public.token_reset_limit_reached(
+                         OLD.monthly_tokens_used, OLD.monthly_token_limit, 100) THEN -1 ELSE 0 END);
     END IF;
     IF TG_OP IN ('UPDATE', 'INSERT') THEN
-        INSERT INTO public.token_reset_usage_deltas (period, users, active_users)
+        INSERT INTO public.token_reset_usage_deltas
+               (period, users, active_users, near_limit_users, at_limit_users)
         VALUES (public.token_reset_period_label(NEW.last_monthly_reset), 1,
-                CASE WHEN NEW.monthly_tokens_used > 0 THEN 1 ELSE 0 END);
+                CASE WHEN NEW.monthly_tokens_used > 0 THEN 1 ELSE 0 END,
+                CASE WHEN public.token_reset_limit_reached(
+                         NEW.monthly_tokens_used, NEW.monthly_token_limit, 80) THEN 1 ELSE 0 END,
+                CASE WHEN public.token_reset_limit_reached(
+                         NEW.monthly_tokens_used, NEW.monthly_token_limit, 100) THEN 1 ELSE 0 END);
     END IF;
     RETURN NULL;
 END
@@ -1056,6 +1132,57 @@ BEGIN
 END
 $function$;
 
+CREATE OR REPLACE FUNCTION public.token_reset_fold_deductions(p_max_ids bigint DEFAULT 5000000)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SECURITY DEFINER
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    c public.token_reset_deduction_cursor%ROWTYPE;
+    h record;
+    v_settled bigint;
+    v_target bigint;
+    v_folded bigint := 0;
+BEGIN
+    -- Each statement below must see what committed before it (the horizon's promise
+    -- is about now, not about a snapshot taken earlier).
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'token_reset_fold_deductions() runs in READ COMMITTED, not %',
+                current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    IF p_max_ids IS NULL OR p_max_ids < 1 THEN
+        RAISE EXCEPTION 'p_max_ids must be a positive integer, got %', p_max_ids
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT * INTO STRICT c FROM public.token_reset_deduction_cursor FOR UPDATE;
+    SELECT * INTO STRICT h FROM public.token_reset_listener_horizon(c.pending_writers);
+    v_settled := c.last_id;
+    IF c.pending_id IS NOT NULL AND NOT h.waiting THEN
+        v_settled := greatest(v_settled, c.pending_id);
+        c.pending_id := NULL;
+        c.pending_writers := '{}';
+    END IF;
+    IF cardinality(h.writers) = 0 THEN
+        v_settled := greatest(v_settled, h.allocated);
+        c.pending_id := NULL;
+        c.pending_writers := '{}';
+    ELSIF c.pending_id IS NULL THEN
+        c.pending_id := h.allocated;
+        c.pending_writers := h.writers;
+    END IF;
+    v_target := least(v_settled, c.last_id + p_max_ids);
+    IF v_target > c.last_id THEN
+        v_folded := public.token_reset_add_deductions(c.last_id, v_target);
+    END IF;
+    UPDATE public.token_reset_deduction_cursor
+       SET last_id = greatest(last_id, v_target), pending_id = c.pending_id,
+           pending_writers = c.pending_writers, updated_at = now();
+    RETURN v_folded;
+END
+$function$;
+
 CREATE OR REPLACE FUNCTION public.token_reset_ledger_is_append_only()
  RETURNS trigger
  LANGUAGE plpgsql
@@ -1072,6 +1199,14 @@ BEGIN
                      'token_reset_erase_user() and old periods with token_reset_drop_periods()';
 END
 $function$;
+
+CREATE OR REPLACE FUNCTION public.token_reset_limit_reached(p_used integer, p_limit integer, p_percent integer)
+ RETURNS boolean
+ LANGUAGE sql
+ IMMUTABLE PARALLEL SAFE
+BEGIN ATOMIC
+ SELECT ((p_used > 0) AND (((p_used)::bigint * 100) >= ((p_limit)::bigint * p_percent)));
+END;
 
 CREATE OR REPLACE FUNCTION public.token_reset_listener_horizon(p_waiting text[] DEFAULT '{}'::text[])
  RETURNS TABLE(allocated bigint, writers text[], waiting boolean)
@@ -1209,6 +1344,50 @@ SELECT EXISTS (
        AND t.operation = 'deduct')
 $function$;
 
+CREATE OR REPLACE FUNCTION public.token_reset_recount_deductions(p_periods integer DEFAULT 2, p_wait_seconds double precision DEFAULT 60)
+ RETURNS bigint
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+DECLARE
+    h record;
+    v_waiting boolean;
+    v_deadline timestamptz := clock_timestamp() + make_interval(secs => p_wait_seconds);
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'token_reset_recount_deductions() runs in READ COMMITTED, not %',
+                current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    IF p_periods IS NULL OR p_periods < 1 THEN
+        RAISE EXCEPTION 'p_periods must be a positive integer, got %', p_periods
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM 1 FROM public.token_reset_deduction_cursor FOR UPDATE;  -- no fold meanwhile
+    LOCK TABLE public.token_reset_deduction_totals IN EXCLUSIVE MODE;
+    SELECT * INTO STRICT h FROM public.token_reset_listener_horizon('{}');
+    v_waiting := cardinality(h.writers) > 0;
+    WHILE v_waiting LOOP
+        IF clock_timestamp() > v_deadline THEN
+            RAISE EXCEPTION 'transactions that write token_transactions stayed open for % s: %',
+                    p_wait_seconds, h.writers
+                USING ERRCODE = 'lock_not_available',
+                      HINT = 'end them (pg_locks names their sessions) and run this again';
+        END IF;
+        PERFORM pg_sleep(0.01);
+        SELECT w.waiting INTO v_waiting FROM public.token_reset_listener_horizon(h.writers) w;
+    END LOOP;
+    DELETE FROM public.token_reset_deduction_totals;
+    PERFORM public.token_reset_add_deductions(
+        0, h.allocated,
+        to_char(to_date(public.token_reset_period_label(now()) || '-01', 'YYYY-MM-DD')
+                - make_interval(months => p_periods - 1), 'YYYY-MM'));
+    UPDATE public.token_reset_deduction_cursor
+       SET last_id = h.allocated, pending_id = NULL, pending_writers = '{}', updated_at = now();
+    RETURN h.allocated;
+END
+$function$;
+
 CREATE OR REPLACE FUNCTION public.token_reset_recount_usage()
  RETURNS void
  LANGUAGE plpgsql
@@ -1217,12 +1396,17 @@ AS $function$
 BEGIN
     LOCK TABLE public.token_reset_usage_deltas IN EXCLUSIVE MODE;
     DELETE FROM public.token_reset_usage_deltas;
-    INSERT INTO public.token_reset_usage_deltas (period, users, active_users, resets)
+    INSERT INTO public.token_reset_usage_deltas
+           (period, users, active_users, resets, near_limit_users, at_limit_users)
     SELECT coalesce(u.period, r.period), coalesce(u.users, 0), coalesce(u.active_users, 0),
-           coalesce(r.resets, 0)
+           coalesce(r.resets, 0), coalesce(u.near_limit_users, 0), coalesce(u.at_limit_users, 0)
       FROM (SELECT public.token_reset_period_label(last_monthly_reset) AS period,
                    count(*) AS users,
-                   count(*) FILTER (WHERE monthly_tokens_used > 0) AS active_users
+                   count(*) FILTER (WHERE monthly_tokens_used > 0) AS active_users,
+                   count(*) FILTER (WHERE public.token_reset_limit_reached(
+                       monthly_tokens_used, monthly_token_limit, 80)) AS near_limit_users,
+                   count(*) FILTER (WHERE public.token_reset_limit_reached(
+                       monthly_tokens_used, monthly_token_limit, 100)) AS at_limit_users
               FROM public.user_tokens GROUP BY 1) u
       FULL JOIN (SELECT metadata ->> 'period' AS period, count(*) AS resets
                    FROM public.token_transactions WHERE operation = 'reset' GROUP BY 1) r
@@ -1257,7 +1441,7 @@ CREATE TRIGGER token_transactions_no_truncate BEFORE TRUNCATE ON token_transacti
 CREATE TRIGGER token_transactions_notify_resets AFTER INSERT ON token_transactions FOR EACH ROW WHEN (new.operation = 'reset'::text AND (new.metadata ->> 'source'::text) <> 'bulk'::text) EXECUTE FUNCTION token_reset_notify_single();
 CREATE TRIGGER user_tokens_count_delete AFTER DELETE ON user_tokens FOR EACH ROW EXECUTE FUNCTION token_reset_count_usage();
 CREATE TRIGGER user_tokens_count_insert AFTER INSERT ON user_tokens FOR EACH ROW EXECUTE FUNCTION token_reset_count_usage();
-CREATE TRIGGER user_tokens_count_update AFTER UPDATE ON user_tokens FOR EACH ROW WHEN (((old.monthly_tokens_used > 0) <> (new.monthly_tokens_used > 0) OR old.last_monthly_reset <> new.last_monthly_reset) AND current_setting('token_reset.counting'::text, true) IS DISTINCT FROM 'self'::text) EXECUTE FUNCTION token_reset_count_usage();
+CREATE TRIGGER user_tokens_count_update AFTER UPDATE ON user_tokens FOR EACH ROW WHEN (((old.monthly_tokens_used > 0) <> (new.monthly_tokens_used > 0) OR old.last_monthly_reset <> new.last_monthly_reset OR ((old.monthly_tokens_used::bigint * 5) >= (old.monthly_token_limit::bigint * 4)) <> ((new.monthly_tokens_used::bigint * 5) >= (new.monthly_token_limit::bigint * 4)) OR (old.monthly_tokens_used >= old.monthly_token_limit) <> (new.monthly_tokens_used >= new.monthly_token_limit)) AND current_setting('token_reset.counting'::text, true) IS DISTINCT FROM 'self'::text) EXECUTE FUNCTION token_reset_count_usage();
 CREATE TRIGGER user_tokens_no_future_reset BEFORE INSERT ON user_tokens FOR EACH ROW WHEN (new.last_monthly_reset IS NULL OR new.last_monthly_reset > clock_timestamp()) EXECUTE FUNCTION check_and_reset_monthly_tokens();
 CREATE TRIGGER user_tokens_reset_on_write BEFORE UPDATE ON user_tokens FOR EACH ROW WHEN (old.last_monthly_reset < date_trunc('month'::text, now(), 'UTC'::text) AND new.last_monthly_reset = old.last_monthly_reset OR new.last_monthly_reset > clock_timestamp()) EXECUTE FUNCTION check_and_reset_monthly_tokens();
 
@@ -1291,12 +1475,14 @@ CREATE TRIGGER user_tokens_reset_on_write BEFORE UPDATE ON user_tokens FOR EACH 
 -- token_reset_listener | routine | public.token_reset_bulk_pending() | EXECUTE
 -- token_reset_listener | routine | public.token_reset_compact_counters() | EXECUTE
 -- token_reset_listener | routine | public.token_reset_ensure_partitions(integer) | EXECUTE
+-- token_reset_listener | routine | public.token_reset_fold_deductions(bigint) | EXECUTE
 -- token_reset_listener | routine | public.token_reset_listener_horizon(text[]) | EXECUTE
 -- token_reset_listener | routine | public.token_reset_previous_period_had_usage() | EXECUTE
 -- token_reset_listener | routine | public.token_reset_sql_run_source(text) | EXECUTE
 -- token_reset_listener | table | public.token_reset_bulk_runs | INSERT
 -- token_reset_listener | table | public.token_reset_bulk_runs | SELECT
 -- token_reset_listener | table | public.token_reset_bulk_runs | UPDATE
+-- token_reset_listener | table | public.token_reset_deduction_totals | SELECT
 -- token_reset_listener | table | public.token_reset_leases | INSERT
 -- token_reset_listener | table | public.token_reset_leases | SELECT
 -- token_reset_listener | table | public.token_reset_leases | UPDATE
@@ -1309,6 +1495,7 @@ CREATE TRIGGER user_tokens_reset_on_write BEFORE UPDATE ON user_tokens FOR EACH 
 -- token_reset_listener | table | public.token_reset_notices | INSERT
 -- token_reset_listener | table | public.token_reset_notices | SELECT
 -- token_reset_listener | table | public.token_reset_notices | UPDATE
+-- token_reset_listener | table | public.token_reset_refused_deductions | SELECT
 -- token_reset_listener | table | public.token_reset_settings | SELECT
 -- token_reset_listener | table | public.token_reset_usage | SELECT
 -- token_reset_listener | table | public.token_transactions | SELECT

@@ -46,6 +46,8 @@ async def gather_status(conn: asyncpg.Connection) -> dict[str, Any]:
         "stale_users": summary["stale_users"],
         "users_untouched_this_period": summary["untouched_this_period"],
         "users_active_this_period": summary["active_this_period"],
+        "users_near_limit_this_period": summary["near_limit_this_period"],
+        "users_at_limit_this_period": summary["at_limit_this_period"],
         "period_resets": summary["period_resets"],
         "last_reset_at": iso(summary["last_reset_at"]),
         "last_bulk_run": _run(last_run),
@@ -87,6 +89,12 @@ def render_table(status: dict[str, Any]) -> str:
         ("users", str(status["users_total"])),
         ("stale users", f"{status['stale_users']} still carrying last period's usage"),
         ("not yet touched this period", _untouched(status)),
+        ("active this period", str(status["users_active_this_period"])),
+        (
+            "near their limit",
+            f"{status['users_near_limit_this_period']} at 80 % or more, "
+            f"{status['users_at_limit_this_period']} at 100 %",
+        ),
         ("resets this period", str(status["period_resets"])),
         ("last reset", status["last_reset_at"] or "never"),
         ("last bulk run", _describe_run(status["last_bulk_run"])),

@@ -5,7 +5,8 @@
 -- One snapshot.  Words as in the metrics: stale_users is the watchdog's number
 -- (token_reset_stale_users): users still carrying a previous period's usage.
 -- untouched_this_period also counts users last reset before this period at 0 used,
--- who need no reset.  Every count comes from the usage counters (0005), kept by the
+-- who need no reset; the near/at limit counts are token_reset_users_near_limit's
+-- (threshold 0.8 and 1).  Every count comes from the usage counters (0005), kept by the
 -- writes themselves, so status costs the same at 100k and 10M users; the last reset
 -- is the newest reset row by id (partial index).
 WITH bounds AS (
@@ -19,7 +20,11 @@ WITH bounds AS (
                AS untouched_this_period,
            coalesce(sum(c.active_users) FILTER (WHERE c.period = b.period), 0)::bigint
                AS active_this_period,
-           coalesce(sum(c.resets) FILTER (WHERE c.period = b.period), 0)::bigint AS period_resets
+           coalesce(sum(c.resets) FILTER (WHERE c.period = b.period), 0)::bigint AS period_resets,
+           coalesce(sum(c.near_limit_users) FILTER (WHERE c.period = b.period), 0)::bigint
+               AS near_limit_this_period,
+           coalesce(sum(c.at_limit_users) FILTER (WHERE c.period = b.period), 0)::bigint
+               AS at_limit_this_period
       FROM public.token_reset_usage c CROSS JOIN bounds b
 )
 SELECT b.database_now,
@@ -30,6 +35,8 @@ SELECT b.database_now,
        u.untouched_this_period,
        u.active_this_period,
        u.period_resets,
+       u.near_limit_this_period,
+       u.at_limit_this_period,
        (SELECT t.created_at
           FROM public.token_transactions t
          WHERE t.operation = 'reset'

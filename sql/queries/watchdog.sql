@@ -11,6 +11,11 @@ SELECT public.token_reset_ensure_partitions()
 -- its cost is the writes since the last fold, not the number of users.
 SELECT public.token_reset_compact_counters()
 
+-- name: watchdog_fold_deductions
+-- Adds the deductions written since the last fold to the per-period, per-feature
+-- totals (0010): its cost is the deductions since the last check, not the ledger.
+SELECT public.token_reset_fold_deductions()
+
 -- name: watchdog_snapshot
 -- Everything the watchdog judges, in one statement (one snapshot, one round trip).
 -- The period boundaries come from the database's clock and configured zone; how far
@@ -27,6 +32,14 @@ SELECT public.token_reset_compact_counters()
 --   last_reset_at: the newest reset row, from the partial index on reset ids.
 --   last_bulk_success_at: the newest successful bulk run, whoever ran it (the
 --                 built-in schedule, the endpoint, or `token-reset reset` in a cron).
+--   near_limit_users, at_limit_users: users of this period at or above 80 % and
+--                 100 % of their limit, from the same counters (0011).
+--   tokens_by_feature: this period's deducted tokens (0010's totals, folded just
+--                 before) per feature, the 10 largest by name and the rest as one
+--                 `other` entry (bounded cardinality, whatever the application
+--                 names its features): [[feature, tokens], ...], largest first.
+--   refused_deductions: deductions refused for being over the allowance, ever (0011's
+--                 sequence; a counter).
 --   previous_period_had_usage: a reset this period or a stale user proves it for
 --                 free; only when neither exists (the quiet or the broken case) is
 --                 the probe for a deduction in last period's ledger partition run.
@@ -42,6 +55,12 @@ WITH counts AS MATERIALIZED (
            (SELECT coalesce(sum(c.active_users), 0)::bigint
               FROM public.token_reset_usage c
              WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS active_users,
+           (SELECT coalesce(sum(c.near_limit_users), 0)::bigint
+              FROM public.token_reset_usage c
+             WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS near_limit_users,
+           (SELECT coalesce(sum(c.at_limit_users), 0)::bigint
+              FROM public.token_reset_usage c
+             WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS at_limit_users,
            (SELECT t.created_at
               FROM public.token_transactions t
              WHERE t.operation = 'reset'
@@ -57,6 +76,19 @@ SELECT pg_catalog.now() AS database_now,
        c.last_reset_at,
        (SELECT max(r.finished_at) FROM public.token_reset_bulk_runs r
          WHERE r.outcome = 'success') AS last_bulk_success_at,
+       c.near_limit_users,
+       c.at_limit_users,
+       (SELECT coalesce(pg_catalog.jsonb_agg(pg_catalog.jsonb_build_array(f.feature, f.tokens)
+                                             ORDER BY f.rank), '[]')
+          FROM (SELECT CASE WHEN r.rank <= 10 THEN r.feature ELSE 'other' END AS feature,
+                       sum(r.tokens)::bigint AS tokens, min(r.rank) AS rank
+                  FROM (SELECT d.feature, d.tokens,
+                               pg_catalog.row_number() OVER (ORDER BY d.tokens DESC, d.feature) AS rank
+                          FROM public.token_reset_deduction_totals d
+                         WHERE d.period = public.token_reset_period_label(pg_catalog.now())) r
+                 GROUP BY 1) f) AS tokens_by_feature,
+       (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END
+          FROM public.token_reset_refused_deductions s) AS refused_deductions,
        CASE
            WHEN c.stale_users > 0 OR c.month_resets > 0 THEN true
            ELSE public.token_reset_previous_period_had_usage()

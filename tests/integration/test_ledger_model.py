@@ -70,21 +70,29 @@ SELECT user_id, metadata ->> 'period', count(*) FROM token_transactions
 COUNTER_DRIFT = """
 WITH truth AS (
     SELECT token_reset_period_label(last_monthly_reset) AS period, count(*) AS users,
-           count(*) FILTER (WHERE monthly_tokens_used > 0) AS active_users
+           count(*) FILTER (WHERE monthly_tokens_used > 0) AS active_users,
+           count(*) FILTER (WHERE monthly_tokens_used > 0
+                              AND monthly_tokens_used * 10 >= monthly_token_limit * 8) AS near,
+           count(*) FILTER (WHERE monthly_tokens_used > 0
+                              AND monthly_tokens_used >= monthly_token_limit) AS at_limit
       FROM user_tokens GROUP BY 1
 ), resets AS (
     SELECT metadata ->> 'period' AS period, count(*) AS resets
       FROM token_transactions WHERE operation = 'reset' GROUP BY 1
 ), expected AS (
     SELECT coalesce(t.period, r.period) AS period, coalesce(t.users, 0) AS users,
-           coalesce(t.active_users, 0) AS active_users, coalesce(r.resets, 0) AS resets
+           coalesce(t.active_users, 0) AS active_users, coalesce(r.resets, 0) AS resets,
+           coalesce(t.near, 0) AS near, coalesce(t.at_limit, 0) AS at_limit
       FROM truth t FULL JOIN resets r ON r.period = t.period
 )
 SELECT coalesce(e.period, c.period) AS period, e.users, c.users AS counted_users,
-       e.active_users, c.active_users AS counted_active, e.resets, c.resets AS counted_resets
+       e.active_users, c.active_users AS counted_active, e.resets, c.resets AS counted_resets,
+       e.near, c.near_limit_users AS counted_near, e.at_limit, c.at_limit_users AS counted_at
   FROM expected e FULL JOIN token_reset_usage c ON c.period = e.period
- WHERE (coalesce(e.users, 0), coalesce(e.active_users, 0), coalesce(e.resets, 0))
-       IS DISTINCT FROM (coalesce(c.users, 0), coalesce(c.active_users, 0), coalesce(c.resets, 0))
+ WHERE (coalesce(e.users, 0), coalesce(e.active_users, 0), coalesce(e.resets, 0),
+        coalesce(e.near, 0), coalesce(e.at_limit, 0))
+       IS DISTINCT FROM (coalesce(c.users, 0), coalesce(c.active_users, 0), coalesce(c.resets, 0),
+                         coalesce(c.near_limit_users, 0), coalesce(c.at_limit_users, 0))
 """
 STATE = """
 SELECT u.user_id, u.monthly_tokens_used, u.last_monthly_reset,

@@ -41,6 +41,13 @@ DECLARED_RELATIONS: dict[str, dict[str, set[str]]] = {
     "token_reset_bulk_lock": {},
     "token_reset_usage_deltas": {},
     "token_reset_usage": {LISTENER: {"SELECT"}},
+    # Usage analytics: the watchdog folds the totals (a definer function) and reads them.
+    "token_reset_deduction_totals": {LISTENER: {"SELECT"}},
+    "token_reset_deduction_cursor": {},
+    "token_reset_refused_deductions": {LISTENER: {"SELECT"}},
+    # Sequences: ids are drawn by the owner's functions and column defaults.
+    "token_transactions_id_seq": {},
+    "token_reset_bulk_runs_id_seq": {},
     "token_reset_declared_privileges": {},
     "token_reset_leases": {LISTENER: {"SELECT", "INSERT", "UPDATE"}},
     "token_reset_migrations": {},
@@ -72,6 +79,7 @@ DECLARED_ROUTINES: dict[str, set[str]] = {
     "token_reset_compact_counters()": {LISTENER},
     "token_reset_ensure_partitions(integer)": {LISTENER},
     "token_reset_previous_period_had_usage()": {LISTENER},
+    "token_reset_fold_deductions(bigint)": {LISTENER},
     # read-only period arithmetic, for anyone
     "token_reset_period_start()": {PUBLIC},
     "token_reset_period_bound()": {PUBLIC},
@@ -96,13 +104,16 @@ DECLARED_ROUTINES: dict[str, set[str]] = {
     "token_reset_recount_usage()": set(),
     "token_reset_erase_user(uuid)": set(),
     "token_reset_drop_periods(integer,boolean)": set(),
+    "token_reset_add_deductions(bigint,bigint,text)": set(),
+    "token_reset_recount_deductions(integer,double precision)": set(),
+    "token_reset_limit_reached(integer,integer,integer)": set(),
 }
 
 ACTUAL_RELATIONS = """
 SELECT c.relname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
        a.privilege_type
   FROM pg_class c, aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a
- WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v', 'p', 'm', 'f')
+ WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v', 'p', 'm', 'f', 'S')
    AND a.grantee <> c.relowner AND NOT c.relispartition
 UNION ALL
 SELECT c.relname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END,
@@ -126,7 +137,7 @@ async def test_privileges_are_exactly_the_declared_matrix(conn: asyncpg.Connecti
     relations: dict[str, dict[str, set[str]]] = {}
     for name in await conn.fetch(
         "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
-        " AND relkind IN ('r', 'v', 'p', 'm', 'f') AND NOT relispartition"
+        " AND relkind IN ('r', 'v', 'p', 'm', 'f', 'S') AND NOT relispartition"
     ):
         relations[name[0]] = {}
     for relname, grantee, privilege in await conn.fetch(ACTUAL_RELATIONS):
@@ -445,6 +456,7 @@ DEFINER_CALLS: dict[str, tuple[str, str]] = {
         LISTENER,
         "SELECT token_reset_previous_period_had_usage()",
     ),
+    "token_reset_fold_deductions(bigint)": (LISTENER, "SELECT token_reset_fold_deductions()"),
 }
 
 

@@ -62,6 +62,7 @@ async def test_counts_match_a_full_scan_after_every_kind_of_write(
     assert status["stale_users"] == 0
     assert status["period_resets"] == 30  # the idle user had nothing to clear
     assert status["users_active_this_period"] == 1
+    assert status["users_near_limit_this_period"] == 0
 
 
 async def test_a_session_cannot_switch_counting_off_for_the_functions_it_calls(
