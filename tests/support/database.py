@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
@@ -90,6 +91,9 @@ class TestServer:
             await conn.close()
 
 
+ServerT = TypeVar("ServerT", bound=TestServer)
+
+
 @contextmanager
 def test_server(tmp_dir: Path) -> Iterator[TestServer]:
     """TEST_DATABASE_URL's server, or an embedded one under tmp_dir for the session."""
@@ -97,10 +101,20 @@ def test_server(tmp_dir: Path) -> Iterator[TestServer]:
     if url:
         yield TestServer(admin_url=url)
         return
-    server = EmbeddedPostgres(data_dir=tmp_dir / "pgdata", settings=TEST_SERVER_SETTINGS)
+    with embedded_server(tmp_dir / "pgdata", TEST_SERVER_SETTINGS, TestServer) as server:
+        yield server
+
+
+@contextmanager
+def embedded_server(
+    data_dir: Path, settings: Mapping[str, str], kind: type[ServerT]
+) -> Iterator[ServerT]:
+    """An embedded server started in data_dir, as a `kind` (the tests' class or the
+    benchmarks'); destroyed however the block ends, so no run leaves a server behind."""
+    server = EmbeddedPostgres(data_dir=data_dir, settings=dict(settings))
     server.start()
     try:
-        yield TestServer(admin_url=server.dsn, embedded=server)
+        yield kind(admin_url=server.dsn, embedded=server)
     finally:
         server.destroy()
 
