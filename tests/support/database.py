@@ -9,6 +9,7 @@ failure with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -21,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 import asyncpg
 
-from listener.embedded import EmbeddedPostgres
+from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
 
 # Durability is not what these tests measure; turning it off makes the suite faster.
@@ -117,6 +118,29 @@ def embedded_server(
         yield kind(admin_url=server.dsn, embedded=server)
     finally:
         server.destroy()
+
+
+@contextmanager
+def own_cluster(
+    prefix: str, settings: Mapping[str, str], bindir: Path | None = None
+) -> Iterator[EmbeddedPostgres]:
+    """A cluster of a test's own, not the shared test server: for what the shared one
+    must not have (roles missing, a preloaded extension, another major version).  In
+    a private temp dir named by prefix; destroyed after, and a failure to destroy it
+    never hides the test's own result."""
+    with private_data_root(prefix) as root:
+        if bindir is None:
+            server = EmbeddedPostgres(data_dir=root / "pgdata", settings=dict(settings))
+        else:
+            server = EmbeddedPostgres(
+                data_dir=root / "pgdata", bindir=bindir, settings=dict(settings)
+            )
+        server.start()
+        try:
+            yield server
+        finally:
+            with contextlib.suppress(Exception):
+                server.destroy()
 
 
 def unique_name(prefix: str) -> str:
