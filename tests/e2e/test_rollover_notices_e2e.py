@@ -24,6 +24,7 @@ from tests.support.notices import (
     accepted,
     finish_rollover,
     leaked,
+    mattermost_fails_first,
     notice_urls,
     start_rollover,
     text_of,
@@ -89,17 +90,9 @@ async def test_two_replicas_one_restarted_send_one_notice_per_destination_and_no
     its retry waits.  Each destination accepts exactly one notice with the rollover's
     numbers, and no replica ever logged any 8-character piece of a secret."""
     await start_rollover(conn)
-    failures_left = [1]
-
-    def status_for(path: str) -> int | None:
-        if path == MATTERMOST_PATH and failures_left[0] > 0:
-            failures_left[0] -= 1
-            return 500
-        return None
-
     processes: list[Process] = []
     with RecordingServer() as receiver:
-        receiver.status_for = status_for
+        receiver.status_for = mattermost_fails_first(1)
         urls = notice_urls(receiver.url)
 
         def start(name: str, log_name: str) -> Process:

@@ -29,6 +29,7 @@ from tests.support.notices import (
     accepted,
     finish_rollover,
     leaked,
+    mattermost_fails_first,
     notice_urls,
     rollover,
     start_rollover,
@@ -167,17 +168,9 @@ async def test_a_failing_destination_is_retried_with_backoff_and_sent_once(
     recorded (without a secret), retried after a backoff, and it gets the notice once;
     the healthy destination is not sent to again meanwhile."""
     clock = PeriodClock(await period_start(conn) + timedelta(minutes=1))
-    failures_left = [2]
-
-    def status_for(path: str) -> int | None:
-        if path == MATTERMOST_PATH and failures_left[0] > 0:
-            failures_left[0] -= 1
-            return 500
-        return None
-
     metrics = Metrics.fresh()
     with RecordingServer() as receiver, capture_logs() as logs:
-        receiver.status_for = status_for
+        receiver.status_for = mattermost_fails_first(2)
         settings = settings_for(database_url, receiver, "replica-a")
         await rollover(conn, settings)
         notifier = Notifier(settings, metrics, clock=clock)

@@ -10,6 +10,7 @@ piece of them can appear in a hex hash by chance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,6 +105,20 @@ async def read_back(conn: asyncpg.Connection, bulk: BulkResult) -> Rollover:
     )
     period = await conn.fetchval("SELECT token_reset_period_label(now())")
     return Rollover(period, {r["source"]: r["n"] for r in rows}, bulk, after)
+
+
+def mattermost_fails_first(times: int) -> Callable[[str], int | None]:
+    """A RecordingServer.status_for: the Slack-compatible destination answers 500 to its
+    first `times` requests (a transient outage), then as usual; the others as usual."""
+    failures_left = [times]
+
+    def status_for(path: str) -> int | None:
+        if path == MATTERMOST_PATH and failures_left[0] > 0:
+            failures_left[0] -= 1
+            return 500
+        return None
+
+    return status_for
 
 
 def accepted(received: list[Received], path: str) -> list[Any]:
