@@ -27,6 +27,7 @@ from tests.support.notices import (
     JSON_PATH,
     MATTERMOST_PATH,
     accepted,
+    assert_complete_notice,
     finish_rollover,
     leaked,
     mattermost_fails_first,
@@ -147,10 +148,7 @@ async def test_a_real_rollover_sends_one_notice_per_destination_with_its_numbers
     assert by_source == {"trigger": 3, "function": 2, "bulk": 25}
     for body in (json_body, slack_body):
         text = text_of(body)
-        assert f"Token rollover {done.period} complete" in text
-        assert "Users reset: 30 (bulk 25, trigger 3, function 2)." in text
-        assert f"Bulk runs this period: 1 (1 success), {done.bulk.batches} batches." in text
-        assert "Left stale: 0 users carry last period's usage." in text
+        assert_complete_notice(text, done)
         days = int(done.completed_after_seconds // 86400)
         assert re.search(rf"Complete {days} d \d+ h after the period start", text), text
     rows = await deliveries(conn)

@@ -80,6 +80,15 @@ async def start_rollover(conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT deduct_tokens($1, 1, 'chat')", user)
 
 
+def assert_complete_notice(text: str, done: Rollover) -> None:
+    """A completion notice's text tells start_rollover's rollover as it happened: the
+    period, the resets by path, the bulk run and its batches, nobody left stale."""
+    assert f"Token rollover {done.period} complete" in text, text
+    assert "Users reset: 30 (bulk 25, trigger 3, function 2)." in text, text
+    assert f"Bulk runs this period: 1 (1 success), {done.bulk.batches} batches." in text, text
+    assert "Left stale: 0 users carry last period's usage." in text, text
+
+
 async def finish_rollover(conn: asyncpg.Connection, settings: Settings) -> Rollover:
     """Second half: the bulk run (listener.bulk, batches of 10) resets the other 25."""
     bulk = await run_bulk_reset(settings, source="cli", batch_size=10)
