@@ -27,36 +27,30 @@ import asyncpg
 
 from bench.common import (
     BenchServer,
+    add_patch_option,
     backend_cpu_seconds,
     base_parser,
     bench_server,
     build_template,
-    default_output,
+    fresh_copy,
     local_backend_pid,
     machine,
+    machine_since,
     print_table,
     publish,
     ratio,
+    read_patch,
     rotated,
+    stale_users_sql,
     summary,
     timed,
 )
 from listener.sql import query
-from tests.support.database import unique_name
 
 NAME = "bulk_reset"
 TARGET_FUNCTION_OVER_MINIMAL = 1.5
 
-# md5 of the number gives random-looking, reproducible uuids: the heap is in insertion
-# order while the primary key (which the keyset walk follows) is in random order, as
-# with real uuid v4 user ids.
-LOAD_USERS = """
-INSERT INTO user_tokens (user_id, monthly_token_limit, monthly_tokens_used,
-                         last_monthly_reset, created_at, updated_at)
-SELECT md5('bench-user-' || n)::uuid, 500, 1 + n % 499,
-       now() - interval '40 days', now() - interval '400 days', now() - interval '40 days'
-  FROM generate_series(1, $1::integer) AS n
-"""
+LOAD_USERS = stale_users_sql("bench-user-")
 
 BARE = """
 UPDATE user_tokens SET monthly_tokens_used = 0, last_monthly_reset = now()
@@ -87,6 +81,14 @@ DISABLE_TRIGGERS = (
     "ALTER TABLE user_tokens DISABLE TRIGGER USER",
     "ALTER TABLE token_transactions DISABLE TRIGGER USER",
 )
+
+
+async def disable_triggers(conn: asyncpg.Connection, off: bool) -> None:
+    """For a contender that runs without the project's triggers (off), disable them on
+    its copy (also bench/scale_bulk.py); otherwise leave the copy as it is."""
+    if off:
+        for statement in DISABLE_TRIGGERS:
+            await conn.execute(statement)
 
 
 @dataclass(frozen=True)
@@ -164,29 +166,20 @@ async def measure_once(
 ) -> dict[str, Any]:
     """One measurement of one contender on a fresh copy; checks it did the whole job."""
     contender = CONTENDERS[name]
-    database = unique_name("bench_bulk")
-    url = await server.create_database(database, template)
-    try:
-        conn = await asyncpg.connect(url)
-        try:
-            if contender.triggers_off:
-                for statement in DISABLE_TRIGGERS:
-                    await conn.execute(statement)
-            await conn.execute("CHECKPOINT")
-            pid = local_backend_pid(conn, database)
-            wal_before = await conn.fetchval("SELECT pg_current_wal_insert_lsn()")
-            cpu_before = backend_cpu_seconds(pid) if pid else None
-            seconds, reset = await timed(lambda: contender.action(conn, batch_size))
-            cpu_after = backend_cpu_seconds(pid) if pid else None
-            wal_bytes = await conn.fetchval(
-                "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1)", wal_before
-            )
-            await _check(conn, contender, users, reset)
-            updates, hot = await _table_stats(conn)
-        finally:
-            await conn.close()
-    finally:
-        await server.drop_database(database)
+    async with fresh_copy(server, template, "bench_bulk") as copy:
+        conn = copy.conn
+        await disable_triggers(conn, contender.triggers_off)
+        await conn.execute("CHECKPOINT")
+        pid = local_backend_pid(conn, copy.name)
+        wal_before = await conn.fetchval("SELECT pg_current_wal_insert_lsn()")
+        cpu_before = backend_cpu_seconds(pid) if pid else None
+        seconds, reset = await timed(lambda: contender.action(conn, batch_size))
+        cpu_after = backend_cpu_seconds(pid) if pid else None
+        wal_bytes = await conn.fetchval(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1)", wal_before
+        )
+        await _check(conn, contender, users, reset)
+        updates, hot = await _table_stats(conn)
     cpu = None if cpu_before is None or cpu_after is None else cpu_after - cpu_before
     return {
         "seconds": seconds,
@@ -219,7 +212,9 @@ async def run(
     load_before = machine()["loadavg"]
     with bench_server() as server:
         settings = await server.describe()
-        template = await build_template(server, "bench_bulk_tpl", LOAD_USERS, users, _read(patch))
+        template = await build_template(
+            server, "bench_bulk_tpl", LOAD_USERS, users, read_patch(patch)
+        )
         try:
             raw: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
             for repetition in range(repetitions):
@@ -251,7 +246,7 @@ async def run(
         "ratios": _ratios(contenders),
         "target": {"function_over_minimal_max": TARGET_FUNCTION_OVER_MINIMAL},
         "server": settings,
-        "machine": {**machine(), "loadavg_before": load_before},
+        "machine": machine_since(load_before),
     }
 
 
@@ -313,13 +308,9 @@ def report(payload: dict[str, Any]) -> None:
     )
 
 
-def _read(patch: Path | None) -> str | None:
-    return patch.read_text(encoding="utf-8") if patch else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the bulk reset benchmark; prints a table and writes the JSON results."""
-    parser = base_parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    parser = base_parser(__doc__, NAME)
     parser.add_argument("--users", type=int, default=None, help="stale users (default 1,000,000)")
     parser.add_argument("--batch-size", type=int, default=10_000, help="committing variant batch")
     parser.add_argument(
@@ -327,12 +318,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=",".join(CONTENDERS),
         help=f"comma-separated subset of {','.join(CONTENDERS)}",
     )
-    parser.add_argument(
-        "--patch",
-        type=Path,
-        default=None,
-        help="SQL file applied after migrating (e.g. CREATE OR REPLACE of a proposed body)",
-    )
+    add_patch_option(parser)
     args = parser.parse_args(argv)
     users = args.users or (20_000 if args.smoke else 1_000_000)
     repetitions = args.repetitions or (1 if args.smoke else 3)
@@ -342,8 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown or not names:
         parser.error(f"unknown contenders {unknown}; choose from {','.join(CONTENDERS)}")
     payload = asyncio.run(run(users, repetitions, batch_size, names, args.patch))
-    output = args.output or default_output(NAME, args.smoke, patched=args.patch is not None)
-    return publish(payload, report, output, smoke=args.smoke)
+    return publish(payload, report, NAME, args, patched=args.patch is not None)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,17 @@ import platform
 import signal
 import statistics
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 
-from listener.embedded import EmbeddedPostgres, find_bindir, private_data_root
-from tests.support.database import TestServer
+from listener.config import Settings
+from listener.embedded import find_bindir, private_data_root
+from tests.support.database import TestServer, embedded_server, unique_name
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -77,25 +78,35 @@ class BenchServer(TestServer):
 
 
 @contextmanager
-def bench_server() -> Iterator[BenchServer]:
-    """BENCH_DATABASE_URL's server, or an embedded one in a temp dir, destroyed after."""
+def bench_server(
+    prefix: str = "token-reset-bench-", settings: Mapping[str, str] | None = None
+) -> Iterator[BenchServer]:
+    """BENCH_DATABASE_URL's server, or an embedded one in a temp dir (named by prefix),
+    destroyed after; `settings` are what a benchmark's measurement needs on top of
+    EMBEDDED_SETTINGS and BENCH_PG_SETTINGS."""
     url = os.environ.get("BENCH_DATABASE_URL", "").strip()
     if url:
         yield BenchServer(admin_url=url)
         return
+    merged = {**EMBEDDED_SETTINGS, **_settings_from_env(), **(settings or {})}
     # As root, a directory the server user can reach without opening anyone else's.
-    with private_data_root("token-reset-bench-") as tmp:
-        settings = {**EMBEDDED_SETTINGS, **_settings_from_env()}
-        server = EmbeddedPostgres(data_dir=tmp / "pgdata", settings=settings)
-        # A benchmark stopped with SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so
-        # the server below is stopped and deleted instead of left running.
-        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        server.start()
-        try:
-            yield BenchServer(admin_url=server.dsn, embedded=server)
-        finally:
-            server.destroy()
-            signal.signal(signal.SIGTERM, previous)
+    with (
+        private_data_root(prefix) as tmp,
+        _sigterm_unwinds(),
+        embedded_server(tmp / "pgdata", merged, BenchServer) as server,
+    ):
+        yield server
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """A benchmark stopped with SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so
+    its embedded server is stopped and deleted instead of left running."""
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
@@ -119,6 +130,18 @@ def _settings_from_env() -> dict[str, str]:
 def bindir() -> Path:
     """Where pgbench and friends live (pgserver's wheel, or PATH)."""
     return find_bindir()
+
+
+def listener_settings(url: str, listener_name: str) -> Settings:
+    """The service as a benchmark runs it in-process: no fixed HTTP port to collide on,
+    no schedule of its own, and a watchdog that never wakes inside a measurement."""
+    return Settings(
+        database_url=url,
+        http_port=0,
+        reset_schedule="off",
+        listener_name=listener_name,
+        watchdog_interval_seconds=3600.0,
+    )
 
 
 # ---------------------------------------------------------------- timing ---
@@ -239,19 +262,84 @@ def write_results(payload: Mapping[str, Any], output: Path) -> Path:
     return output
 
 
+def machine_since(load_before: Sequence[float]) -> dict[str, Any]:
+    """machine() after a run, with the load average taken before it: a run that shared
+    the machine with another tenant shows a rise between the two."""
+    return {**machine(), "loadavg_before": list(load_before)}
+
+
+def measured(run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """run()'s results with "machine" set: machine_since the load before the run."""
+    load_before = machine()["loadavg"]
+    payload = run()
+    payload["machine"] = machine_since(load_before)
+    return payload
+
+
 def publish(
     payload: dict[str, Any],
     report: Callable[[dict[str, Any]], None],
-    output: Path,
+    name: str,
+    args: argparse.Namespace,
     *,
-    smoke: bool,
+    patched: bool = False,
 ) -> int:
-    """The end of every benchmark's main(): print its table, write its JSON, say where."""
-    payload["smoke"] = smoke
+    """The end of every benchmark's main(): print its table, write its JSON (to --output,
+    or default_output's place), say where."""
+    payload["smoke"] = args.smoke
     report(payload)
-    path = write_results(payload, output)
+    path = write_results(payload, output_path(name, args, patched=patched))
     print(f"\nresults written to {path}")
     return 0
+
+
+class Copy(NamedTuple):
+    """A database a measurement has to itself: its name, URL and one open connection."""
+
+    name: str
+    url: str
+    conn: asyncpg.Connection
+
+
+@asynccontextmanager
+async def clone(
+    server: BenchServer, template: str | None, prefix: str
+) -> AsyncIterator[tuple[str, str]]:
+    """A new database (a copy of template, or empty) for the block: (name, URL).  Dropped
+    however the block ends, so a failed measurement leaves no copy on the server."""
+    name = unique_name(prefix)
+    url = await server.create_database(name, template)
+    try:
+        yield name, url
+    finally:
+        await server.drop_database(name)
+
+
+@asynccontextmanager
+async def fresh_copy(server: BenchServer, template: str | None, prefix: str) -> AsyncIterator[Copy]:
+    """clone() with a connection to the copy, closed before the copy is dropped."""
+    async with clone(server, template, prefix) as (name, url):
+        conn = await asyncpg.connect(url)
+        try:
+            yield Copy(name, url, conn)
+        finally:
+            await conn.close()
+
+
+def stale_users_sql(seed: str) -> str:
+    """INSERT of $1 users with usage, last reset 40 days ago (so before the current
+    period's start: each is stale), to load a benchmark's template with.
+
+    md5 of seed and the number gives random-looking, reproducible uuids: the heap is in
+    insertion order while the primary key (which the keyset walk follows) is in random
+    order, as with real uuid v4 user ids."""
+    return f"""
+INSERT INTO user_tokens (user_id, monthly_token_limit, monthly_tokens_used,
+                         last_monthly_reset, created_at, updated_at)
+SELECT md5('{seed}' || n)::uuid, 500, 1 + n % 499,
+       now() - interval '40 days', now() - interval '400 days', now() - interval '40 days'
+  FROM generate_series(1, $1::integer) AS n
+"""
 
 
 async def build_template(
@@ -284,6 +372,12 @@ def default_output(name: str, smoke: bool, *, patched: bool = False) -> Path:
     return folder / (f"{name}.smoke.json" if smoke else f"{name}.json")
 
 
+def output_path(name: str, args: argparse.Namespace, *, patched: bool = False) -> Path:
+    """Where a run's results go: --output when given, else default_output's place."""
+    output: Path | None = args.output
+    return output or default_output(name, args.smoke, patched=patched)
+
+
 def print_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
     """A plain fixed-width table on stdout."""
     cells = [[_cell(value) for value in row] for row in rows]
@@ -303,9 +397,10 @@ def _cell(value: object) -> str:
     return str(value)
 
 
-def base_parser(description: str) -> argparse.ArgumentParser:
-    """Flags every benchmark takes: --smoke, --repetitions, --output."""
-    parser = argparse.ArgumentParser(description=description)
+def base_parser(doc: str | None, name: str) -> argparse.ArgumentParser:
+    """Flags every benchmark takes: --smoke, --repetitions, --output; the help describes
+    the benchmark by its module docstring's first line (its name without one)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else name)
     parser.add_argument(
         "--smoke", action="store_true", help="tiny quick run (CI): checks it works, not speed"
     )
@@ -316,3 +411,18 @@ def base_parser(description: str) -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="results JSON (default bench/results/)"
     )
     return parser
+
+
+def add_patch_option(parser: argparse.ArgumentParser) -> None:
+    """--patch: the flag of the benchmarks that can measure a proposed SQL change."""
+    parser.add_argument(
+        "--patch",
+        type=Path,
+        default=None,
+        help="SQL file applied after migrating (e.g. CREATE OR REPLACE of a proposed body)",
+    )
+
+
+def read_patch(patch: Path | None) -> str | None:
+    """The --patch file's SQL, or None without one."""
+    return patch.read_text(encoding="utf-8") if patch else None

@@ -33,8 +33,7 @@ import asyncpg
 from bench.common import (
     base_parser,
     bench_server,
-    default_output,
-    machine,
+    measured,
     print_table,
     publish,
     ratio,
@@ -231,7 +230,7 @@ def report(payload: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the drain benchmark; prints tables and writes the JSON results."""
-    parser = base_parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    parser = base_parser(__doc__, NAME)
     parser.add_argument(
         "--notifications",
         type=int,
@@ -253,12 +252,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # stays in the measurement, the lines stay out of the table.
     with open(os.devnull, "w", encoding="utf-8") as sink:
         configure_logging("json", "INFO", stream=sink)
-        before = machine()
-        payload = asyncio.run(run(bursts, repetitions, names))
-    payload["machine"] = {**machine(), "loadavg_before": before["loadavg"]}
-    return publish(
-        payload, report, args.output or default_output(NAME, args.smoke), smoke=args.smoke
-    )
+        payload = measured(lambda: asyncio.run(run(bursts, repetitions, names)))
+    return publish(payload, report, NAME, args)
 
 
 if __name__ == "__main__":

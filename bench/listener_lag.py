@@ -40,8 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,22 +48,21 @@ import anyio
 import asyncpg
 
 from bench.common import (
-    EMBEDDED_SETTINGS,
     BenchServer,
     base_parser,
+    bench_server,
     bindir,
-    default_output,
+    clone,
+    listener_settings,
     machine,
+    output_path,
     print_table,
     rotated,
     write_results,
 )
-from listener.config import Settings
-from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.logs import configure_logging
 from listener.payload import CHANNEL
 from listener.service import Service
-from tests.support.database import unique_name
 
 NAME = "listener_lag"
 CONTENDERS = ("listener", "bare")
@@ -101,13 +99,7 @@ async def listener_role(url: str, out: Path) -> None:
     # Logs are rendered as in production (that cost is part of the listener), then dropped.
     with open(os.devnull, "w", encoding="utf-8") as sink:  # noqa: ASYNC230  # before any I/O
         configure_logging("json", "INFO", stream=sink)
-        settings = Settings(
-            database_url=url,
-            http_port=0,
-            reset_schedule="off",
-            listener_name=CONSUMER,
-            watchdog_interval_seconds=3600.0,
-        )
+        settings = listener_settings(url, CONSUMER)
         service = Service(settings, handle_signals=True)
         marks: list[tuple[float, int, int, int]] = []
         service.ledger.on_window = lambda after, upper, rows: marks.append(
@@ -143,23 +135,6 @@ async def bare_role(url: str, out: Path) -> None:
 
 
 # ----------------------------------------------------------------- phases ---
-@contextmanager
-def lag_server() -> Iterator[BenchServer]:
-    """BENCH_DATABASE_URL's server, or an embedded one that records commit times."""
-    url = os.environ.get("BENCH_DATABASE_URL", "").strip()
-    if url:
-        yield BenchServer(admin_url=url)
-        return
-    settings = {**EMBEDDED_SETTINGS, "track_commit_timestamp": "on"}
-    with private_data_root("token-reset-lag-") as tmp:
-        server = EmbeddedPostgres(data_dir=tmp / "pgdata", settings=settings)
-        server.start()
-        try:
-            yield BenchServer(admin_url=server.dsn, embedded=server)
-        finally:
-            server.destroy()
-
-
 async def prepare_template(server: BenchServer, users: int) -> str:
     """A migrated database with `users` stale users; each phase clones it."""
     name, url = await server.migrated_database("bench_lag_template")
@@ -335,7 +310,12 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     """Every repetition of both contenders; returns the results document."""
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in CONTENDERS}
-    with lag_server() as server, tempfile.TemporaryDirectory() as tmp:
+    # The embedded server records commit times: the lag is measured from them.
+    commit_times = {"track_commit_timestamp": "on"}
+    with (
+        bench_server("token-reset-lag-", commit_times) as server,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         workdir = Path(tmp)
         (workdir / "script.sql").write_text(PGBENCH_SCRIPT, encoding="utf-8")
         template = await prepare_template(server, args.users)
@@ -343,12 +323,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             for repetition in range(args.repetitions):
                 for role in rotated(CONTENDERS, repetition):
-                    name = unique_name("bench_lag")
-                    url = await server.create_database(name, template)
-                    try:
+                    async with clone(server, template, "bench_lag") as (_, url):
                         results[role].append(await phase(role, url, args, workdir))
-                    finally:
-                        await server.drop_database(name)
                     print(f"  {role} repetition {repetition + 1}: {results[role][-1]}", flush=True)
         finally:
             await server.drop_database(template)
@@ -382,7 +358,7 @@ def medians(runs: list[dict[str, Any]]) -> dict[str, float | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark (or, with --role, one contender process of it)."""
-    parser = base_parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    parser = base_parser(__doc__, NAME)
     parser.add_argument("--seconds", type=float, default=None, help="producer run per phase")
     parser.add_argument("--clients", type=int, default=4, help="producer connections")
     parser.add_argument("--users", type=int, default=None, help="stale users to reset")
@@ -418,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ["contender", "resets", "producer tps", "rate/s", "p50 ms", "p99 ms", "max ms", "drain ms"],
         rows,
     )
-    output = write_results(document, args.output or default_output(NAME, args.smoke))
+    output = write_results(document, output_path(NAME, args))
     print(f"\nresults: {output}")
     return 0
 

@@ -37,15 +37,15 @@ from bench.common import (
     BenchServer,
     base_parser,
     bench_server,
-    default_output,
-    machine,
+    clone,
+    measured,
     print_table,
     publish,
+    stale_users_sql,
     summary,
 )
 from bench.listener_drain import ADVANCE_LEDGER_IDS, notify_burst
 from listener.embedded import free_port
-from tests.support.database import unique_name
 from tests.support.metrics import Scrape
 from tests.support.processes import Process, memory_kib
 
@@ -55,13 +55,7 @@ WARM_DOORBELLS = 1_000
 WARM_RESETS = 1_000
 ROOT = Path(__file__).resolve().parents[1]
 
-LOAD_USERS = """
-INSERT INTO user_tokens (user_id, monthly_token_limit, monthly_tokens_used,
-                         last_monthly_reset, created_at, updated_at)
-SELECT md5('bench-memory-' || n)::uuid, 500, 1 + n % 499,
-       now() - interval '40 days', now() - interval '400 days', now() - interval '40 days'
-  FROM generate_series(1, $1::integer) AS n
-"""
+LOAD_USERS = stale_users_sql("bench-memory-")
 # A write to a stale user resets it through the row trigger (source "trigger").
 WARM_RESET = """
 UPDATE user_tokens SET monthly_tokens_used = monthly_tokens_used + 1
@@ -209,12 +203,8 @@ async def run(doorbells: int, resets: int, repetitions: int) -> dict[str, Any]:
         template = await prepare_template(server, resets, doorbells)
         try:
             for rep in range(repetitions):
-                name = unique_name("bench_memory")
-                url = await server.create_database(name, template)
-                try:
+                async with clone(server, template, "bench_memory") as (_, url):
                     samples.append(await repetition(url, doorbells, resets, Path(tmp)))
-                finally:
-                    await server.drop_database(name)
                 print(f"  repetition {rep + 1}: {samples[-1]}", flush=True)
         finally:
             await server.drop_database(template)
@@ -263,19 +253,15 @@ def report(payload: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the memory benchmark; prints a table and writes the JSON results."""
-    parser = base_parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    parser = base_parser(__doc__, NAME)
     parser.add_argument("--doorbells", type=int, default=None, help="default 1,000,000")
     parser.add_argument("--resets", type=int, default=None, help="default 1,000,000")
     args = parser.parse_args(argv)
     doorbells = args.doorbells or (20_000 if args.smoke else 1_000_000)
     resets = args.resets or (20_000 if args.smoke else 1_000_000)
     repetitions = args.repetitions or (1 if args.smoke else 2)
-    before = machine()
-    payload = asyncio.run(run(doorbells, resets, repetitions))
-    payload["machine"] = {**machine(), "loadavg_before": before["loadavg"]}
-    return publish(
-        payload, report, args.output or default_output(NAME, args.smoke), smoke=args.smoke
-    )
+    payload = measured(lambda: asyncio.run(run(doorbells, resets, repetitions)))
+    return publish(payload, report, NAME, args)
 
 
 if __name__ == "__main__":

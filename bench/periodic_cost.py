@@ -27,7 +27,7 @@ import asyncpg
 from bench.common import (
     base_parser,
     bench_server,
-    default_output,
+    fresh_copy,
     machine,
     print_table,
     publish,
@@ -35,7 +35,6 @@ from bench.common import (
 from listener.commands.status import gather_status
 from listener.migrate import apply_migrations
 from listener.watchdog import fetch_snapshot
-from tests.support.database import unique_name
 
 NAME = "periodic_cost"
 STALE_COUNT = (
@@ -87,16 +86,8 @@ async def run(sizes: Sequence[int], runs: int) -> dict[str, Any]:
     with bench_server() as server:
         settings = await server.describe()
         for users in sizes:
-            name = unique_name("bench_periodic")
-            url = await server.create_database(name)
-            try:
-                conn = await asyncpg.connect(url)
-                try:
-                    figures = await measure(conn, users, runs)
-                finally:
-                    await conn.close()
-            finally:
-                await server.drop_database(name)
+            async with fresh_copy(server, None, "bench_periodic") as copy:
+                figures = await measure(copy.conn, users, runs)
             results.append({"users": users, **figures})
     return {"benchmark": NAME, "machine": machine(), "server": settings, "results": results}
 
@@ -122,7 +113,7 @@ def report(payload: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the periodic-cost benchmark; prints a table and writes the JSON results."""
-    parser = base_parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    parser = base_parser(__doc__, NAME)
     parser.add_argument("--sizes", default=None, help="comma-separated users (default 100k,1M,10M)")
     args = parser.parse_args(argv)
     default = "2000,20000" if args.smoke else "100000,1000000,10000000"
@@ -131,9 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("sizes must be positive")
     runs = args.repetitions or (2 if args.smoke else 5)
     payload = asyncio.run(run(sizes, runs))
-    return publish(
-        payload, report, args.output or default_output(NAME, args.smoke), smoke=args.smoke
-    )
+    return publish(payload, report, NAME, args)
 
 
 if __name__ == "__main__":

@@ -62,6 +62,17 @@ def describe(payload: dict[str, Any]) -> str:
     )
 
 
+def _log_log(ax: Any, xlabel: str, ylabel: str, title: str) -> None:
+    """The two time panels' axes: both logarithmic (sizes and times span decades)."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+
+
 def _bulk(ax: Any, results: list[dict[str, Any]]) -> None:
     for name, (label, color, style) in BULK_STYLE.items():
         points = [
@@ -84,13 +95,7 @@ def _bulk(ax: Any, results: list[dict[str, Any]]) -> None:
             marker="o",
             capsize=3,
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("stale users")
-    ax.set_ylabel("seconds (median; whisker to best)")
-    ax.set_title("bulk reset")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
+    _log_log(ax, "stale users", "seconds (median; whisker to best)", "bulk reset")
 
 
 GROUP_COLORS = {
@@ -151,13 +156,7 @@ def _latency(ax: Any, results: list[dict[str, Any]]) -> None:
             color=color,
             label=label,
         )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("users")
-    ax.set_ylabel("ms (median)")
-    ax.set_title("latency right after the bulk reset")
-    ax.legend(fontsize=7)
-    ax.grid(True, which="both", alpha=0.3)
+    _log_log(ax, "users", "ms (median)", "latency right after the bulk reset")
 
 
 def draw(payload: dict[str, Any], output: Path) -> Path:

@@ -40,15 +40,18 @@ from bench.common import (
     BenchServer,
     base_parser,
     bench_server,
-    default_output,
     machine,
+    machine_since,
+    output_path,
     print_table,
     publish,
     ratio,
+    read_patch,
     rotated,
     summary,
 )
 from bench.plot_scale import draw
+from bench.write_path import write_scripts
 
 NAME = "scale"
 DEFAULT_SIZES = (100_000, 1_000_000, 10_000_000)
@@ -218,7 +221,7 @@ async def run(args: Any, patch: str | None) -> dict[str, Any]:
     scale_bulk.devnull_logs()
     with bench_server() as server, tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         settings = await server.describe()
-        scripts = scale_writes.write_scripts(Path(tmp))
+        scripts = write_scripts(Path(tmp), scale_writes.SCRIPTS)
         min_free = _disk_free(server)
         for users in args.sizes:
             free = _disk_free(server)
@@ -250,7 +253,7 @@ async def run(args: Any, patch: str | None) -> dict[str, Any]:
         "skipped": skipped,
         "disk_min_free_bytes": min_free,
         "server": settings,
-        "machine": {**machine(), "loadavg_before": load_before, **_memory()},
+        "machine": {**machine_since(load_before), **_memory()},
     }
 
 
@@ -366,7 +369,7 @@ def report(payload: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the scale benchmark; prints tables, writes the JSON and the plot."""
-    parser = base_parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    parser = base_parser(__doc__, NAME)
     parser.add_argument("--sizes", default=None, help="comma-separated user counts")
     parser.add_argument("--ledger-per-user", type=int, default=10, help="deductions per user")
     parser.add_argument("--batch-size", type=int, default=None, help="runner batch (10,000)")
@@ -405,12 +408,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown contenders {unknown}")
     if any(n <= 0 for n in args.sizes) or args.ledger_per_user < 0:
         parser.error("sizes must be positive and --ledger-per-user not negative")
-    patch = args.patch.read_text(encoding="utf-8") if args.patch else None
+    patch = read_patch(args.patch)
     payload = asyncio.run(run(args, patch))
     if args.merge_into is not None:
         payload = merge(json.loads(args.merge_into.read_text(encoding="utf-8")), payload)
-    output = args.output or default_output(NAME, args.smoke, patched=args.patch is not None)
-    code = publish(payload, report, output, smoke=args.smoke)
+    patched = args.patch is not None
+    output = output_path(NAME, args, patched=patched)
+    code = publish(payload, report, NAME, args, patched=patched)
     if not args.no_plot:
         print(f"plot written to {draw(payload, output.with_suffix('.png'))}")
     return code

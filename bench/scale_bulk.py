@@ -23,9 +23,11 @@ from typing import Any
 import anyio
 import asyncpg
 
-from bench.bulk_reset import BARE, DISABLE_TRIGGERS, MINIMAL
+from bench.bulk_reset import BARE, MINIMAL, disable_triggers
 from bench.common import (
     BenchServer,
+    fresh_copy,
+    listener_settings,
     local_backend_pid,
     postmaster_pid,
     server_cpu_seconds,
@@ -37,7 +39,6 @@ from listener.logs import configure_logging
 from listener.metrics import Metrics
 from listener.service import Service
 from listener.sql import query
-from tests.support.database import unique_name
 
 CONSUMER = "bench-scale"
 LISTENER_TIMEOUT_SECONDS = 600.0
@@ -221,42 +222,33 @@ async def measure_once(
 ) -> dict[str, Any]:
     """One contender on a fresh copy; with `extras`, latency and listener catch-up too."""
     contender = CONTENDERS[name]
-    database = unique_name("bench_scale")
-    url = await server.create_database(database, template)
-    try:
-        conn = await asyncpg.connect(url)
-        try:
-            if contender.triggers_off:
-                for statement in DISABLE_TRIGGERS:
-                    await conn.execute(statement)
-            cursor = None
-            if extras:  # the listener's cursor exists: it was running before, then down
-                opened = await conn.fetchrow(query("listener_cursor_open"), CONSUMER)
-                assert opened is not None
-                cursor = int(opened["last_id"])
-            before = await _table_state(conn)
-            run = await _timed_run(conn, database, url, contender, batch_size)
-            await _check(conn, contender, users, run["reset"])
-            after = await _table_state(conn)
-            again = await _timed_run(conn, database, url, contender, batch_size)
-            if again["reset"] != 0:
-                raise RuntimeError(f"{name}: the second run reset {again['reset']}")
-            result = {
-                **run,
-                "hot_update_ratio": _hot_ratio(before, after),
-                "heap_growth": after["heap_bytes"] / before["heap_bytes"] - 1,
-                "total_growth": after["total_bytes"] / before["total_bytes"] - 1,
-                "dead_tuples": after["n_dead_tup"],
-                "nothing_to_do_seconds": again["seconds"],
-            }
-            if extras:
-                assert cursor is not None
-                result["latency"] = await latencies(conn, latency_runs)
-                result["listener"] = await listener_catch_up(conn, url, cursor, users)
-        finally:
-            await conn.close()
-    finally:
-        await server.drop_database(database)
+    async with fresh_copy(server, template, "bench_scale") as copy:
+        conn, database, url = copy.conn, copy.name, copy.url
+        await disable_triggers(conn, contender.triggers_off)
+        cursor = None
+        if extras:  # the listener's cursor exists: it was running before, then down
+            opened = await conn.fetchrow(query("listener_cursor_open"), CONSUMER)
+            assert opened is not None
+            cursor = int(opened["last_id"])
+        before = await _table_state(conn)
+        run = await _timed_run(conn, database, url, contender, batch_size)
+        await _check(conn, contender, users, run["reset"])
+        after = await _table_state(conn)
+        again = await _timed_run(conn, database, url, contender, batch_size)
+        if again["reset"] != 0:
+            raise RuntimeError(f"{name}: the second run reset {again['reset']}")
+        result = {
+            **run,
+            "hot_update_ratio": _hot_ratio(before, after),
+            "heap_growth": after["heap_bytes"] / before["heap_bytes"] - 1,
+            "total_growth": after["total_bytes"] / before["total_bytes"] - 1,
+            "dead_tuples": after["n_dead_tup"],
+            "nothing_to_do_seconds": again["seconds"],
+        }
+        if extras:
+            assert cursor is not None
+            result["latency"] = await latencies(conn, latency_runs)
+            result["listener"] = await listener_catch_up(conn, url, cursor, users)
     return result
 
 
@@ -293,13 +285,7 @@ async def listener_catch_up(
     if bare_rows != users:
         raise RuntimeError(f"listener catch-up: {bare_rows} reset rows after the cursor")
     last_id = await conn.fetchval("SELECT max(id) FROM public.token_transactions")
-    settings = Settings(
-        database_url=url,
-        http_port=0,
-        reset_schedule="off",
-        listener_name=CONSUMER,
-        watchdog_interval_seconds=3600.0,
-    )
+    settings = listener_settings(url, CONSUMER)
     service = Service(settings, Metrics.fresh(), handle_signals=False)
     counted = 0
     windows = 0

@@ -25,19 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from bench.common import (
     BenchServer,
-    local_backend_pid,
-    postmaster_pid,
+    fresh_copy,
     ratio,
     rotated,
-    server_cpu_seconds,
     summary,
 )
-from bench.write_path import pgbench, settle
-from tests.support.database import unique_name
+from bench.write_path import pgbench, pgbench_with_cpu
 
 TARGET_DEDUCT_OVER_BARE = 0.6
 TARGET_TRIGGER_OVERHEAD = 0.10
@@ -69,13 +64,6 @@ WORKLOADS = {
 }
 
 
-def write_scripts(folder: Path) -> Path:
-    """The pgbench scripts, one file per script name."""
-    for name, text in SCRIPTS.items():
-        (folder / f"{name}.sql").write_text(text, encoding="utf-8")
-    return folder
-
-
 async def measure_once(
     server: BenchServer,
     template: str,
@@ -89,36 +77,20 @@ async def measure_once(
 ) -> dict[str, Any]:
     """One pgbench run on a fresh copy, with the server's CPU per transaction."""
     spec = WORKLOADS[workload]
-    database = unique_name("bench_scale_w")
-    url = await server.create_database(database, template)
-    try:
-        conn = await asyncpg.connect(url)
-        try:
-            if spec.triggers_off:
-                await conn.execute("ALTER TABLE user_tokens DISABLE TRIGGER USER")
-            await conn.execute("CHECKPOINT")
-            pid = local_backend_pid(conn, database)
-            postmaster = postmaster_pid(pid) if pid else None
-            cpu_before = server_cpu_seconds(postmaster) if postmaster else None
-            result = await pgbench(
-                url,
+    async with fresh_copy(server, template, "bench_scale_w") as copy:
+        if spec.triggers_off:
+            await copy.conn.execute("ALTER TABLE user_tokens DISABLE TRIGGER USER")
+        return await pgbench_with_cpu(
+            copy,
+            lambda: pgbench(
+                copy.url,
                 scripts / f"{spec.script}.sql",
                 clients=clients,
                 seconds=seconds,
                 synchronous_commit=sync,
                 defines={"nusers": users},
-            )
-            if postmaster:
-                await settle(conn, postmaster)
-            cpu_after = server_cpu_seconds(postmaster) if postmaster else None
-        finally:
-            await conn.close()
-    finally:
-        await server.drop_database(database)
-    cpu_per_txn = None
-    if cpu_before is not None and cpu_after is not None and result["transactions"] > 0:
-        cpu_per_txn = (cpu_after - cpu_before) / result["transactions"] * 1e6
-    return {**result, "server_cpu_us_per_txn": cpu_per_txn}
+            ),
+        )
 
 
 async def measure(

@@ -21,7 +21,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,23 +30,26 @@ import asyncpg
 
 from bench.common import (
     BenchServer,
+    Copy,
+    add_patch_option,
     base_parser,
     bench_server,
     bindir,
     build_template,
-    default_output,
+    fresh_copy,
     local_backend_pid,
     machine,
+    machine_since,
     postmaster_pid,
     print_table,
     publish,
     ratio,
+    read_patch,
     rotated,
     server_cpu_seconds,
     summary,
     unreaped_children,
 )
-from tests.support.database import unique_name
 
 NAME = "write_path"
 TARGET_DEDUCT_OVER_BARE = 0.5
@@ -182,40 +185,36 @@ async def measure_once(
 ) -> dict[str, float | None]:
     """One pgbench run on a fresh copy of the template, plus the HOT update ratio and,
     on a local server, the server's CPU time per transaction (all its processes)."""
-    database = unique_name("bench_write")
-    url = await server.create_database(database, template)
-    try:
-        conn = await asyncpg.connect(url)
-        try:
-            if WORKLOADS[run.workload].triggers_off:
-                await conn.execute("ALTER TABLE user_tokens DISABLE TRIGGER USER")
-            await conn.execute("CHECKPOINT")
-            pid = local_backend_pid(conn, database)
-            postmaster = postmaster_pid(pid) if pid else None
-            cpu_before = server_cpu_seconds(postmaster) if postmaster else None
-            result = await run_pgbench(url, run, scripts)
-            if postmaster:
-                await settle(conn, postmaster)
-            cpu_after = server_cpu_seconds(postmaster) if postmaster else None
-            # pgbench's backends flushed their statistics when they exited.
-            row = await conn.fetchrow(
-                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
-                " WHERE relname = 'user_tokens'"
-            )
-            assert row is not None
-            updates, hot = int(row["n_tup_upd"]), int(row["n_tup_hot_upd"])
-        finally:
-            await conn.close()
-    finally:
-        await server.drop_database(database)
+    async with fresh_copy(server, template, "bench_write") as copy:
+        if WORKLOADS[run.workload].triggers_off:
+            await copy.conn.execute("ALTER TABLE user_tokens DISABLE TRIGGER USER")
+        result = await pgbench_with_cpu(copy, lambda: run_pgbench(copy.url, run, scripts))
+        # pgbench's backends flushed their statistics when they exited.
+        row = await copy.conn.fetchrow(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'user_tokens'"
+        )
+        assert row is not None
+        updates, hot = int(row["n_tup_upd"]), int(row["n_tup_hot_upd"])
+    return {**result, "hot_update_ratio": hot / updates if updates else 0.0}
+
+
+async def pgbench_with_cpu(
+    copy: Copy, pgbench_run: Callable[[], Awaitable[dict[str, float]]]
+) -> dict[str, float | None]:
+    """A pgbench run on a fresh copy, after a CHECKPOINT, with the server's CPU time per
+    transaction (all its processes) on a local server, else None (also bench/scale.py)."""
+    await copy.conn.execute("CHECKPOINT")
+    pid = local_backend_pid(copy.conn, copy.name)
+    postmaster = postmaster_pid(pid) if pid else None
+    cpu_before = server_cpu_seconds(postmaster) if postmaster else None
+    result = await pgbench_run()
+    if postmaster:
+        await settle(copy.conn, postmaster)
+    cpu_after = server_cpu_seconds(postmaster) if postmaster else None
     cpu_per_txn = None
     if cpu_before is not None and cpu_after is not None and result["transactions"] > 0:
         cpu_per_txn = (cpu_after - cpu_before) / result["transactions"] * 1e6
-    return {
-        **result,
-        "hot_update_ratio": hot / updates if updates else 0.0,
-        "server_cpu_us_per_txn": cpu_per_txn,
-    }
+    return {**result, "server_cpu_us_per_txn": cpu_per_txn}
 
 
 async def settle(conn: asyncpg.Connection, postmaster: int) -> None:
@@ -261,9 +260,9 @@ def _serving(postmaster: int, database: str, own: int) -> bool:
     return False
 
 
-def write_scripts(folder: Path) -> Path:
-    """The pgbench custom scripts, one file per script name."""
-    for name, text in SCRIPTS.items():
+def write_scripts(folder: Path, scripts: Mapping[str, str] = SCRIPTS) -> Path:
+    """The pgbench custom scripts, one file per script name (bench/scale.py has its own)."""
+    for name, text in scripts.items():
         (folder / f"{name}.sql").write_text(text, encoding="utf-8")
     return folder
 
@@ -284,7 +283,9 @@ async def run(
     with bench_server() as server, tempfile.TemporaryDirectory(prefix="bench-pgbench-") as tmp:
         settings = await server.describe()
         scripts = write_scripts(Path(tmp))
-        template = await build_template(server, "bench_write_tpl", LOAD_USERS, users, _read(patch))
+        template = await build_template(
+            server, "bench_write_tpl", LOAD_USERS, users, read_patch(patch)
+        )
         try:
             for sync in sync_modes:
                 for repetition in range(repetitions):
@@ -315,7 +316,7 @@ async def run(
             "trigger_overhead_max": TARGET_TRIGGER_OVERHEAD,
         },
         "server": settings,
-        "machine": {**machine(), "loadavg_before": load_before},
+        "machine": machine_since(load_before),
     }
 
 
@@ -416,25 +417,16 @@ def report(payload: dict[str, Any]) -> None:
         )
 
 
-def _read(patch: Path | None) -> str | None:
-    return patch.read_text(encoding="utf-8") if patch else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the write-path benchmark; prints a table and writes the JSON results."""
-    parser = base_parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    parser = base_parser(__doc__, NAME)
     parser.add_argument("--users", type=int, default=None, help="users (default 100,000)")
     parser.add_argument("--seconds", type=int, default=None, help="pgbench -T (default 10)")
     parser.add_argument("--clients", default=None, help="comma-separated (default 2,8)")
     parser.add_argument(
         "--synchronous-commit", default=None, help="comma-separated on/off (default on,off)"
     )
-    parser.add_argument(
-        "--patch",
-        type=Path,
-        default=None,
-        help="SQL file applied after migrating (e.g. CREATE OR REPLACE of a proposed body)",
-    )
+    add_patch_option(parser)
     args = parser.parse_args(argv)
     users = args.users or (1_000 if args.smoke else 100_000)
     seconds = args.seconds or (1 if args.smoke else 10)
@@ -446,8 +438,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(count <= 0 for count in clients) or users <= 0 or seconds <= 0:
         parser.error("users, seconds and clients must be positive")
     payload = asyncio.run(run(users, repetitions, seconds, clients, sync_modes, patch=args.patch))
-    output = args.output or default_output(NAME, args.smoke, patched=args.patch is not None)
-    return publish(payload, report, output, smoke=args.smoke)
+    return publish(payload, report, NAME, args, patched=args.patch is not None)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,16 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.deploy.test_dockerfile import args_of, final_stage
+from tests.support.processes import Process, run_ok, wait_for_log_event, wait_until_ready
 
 pytestmark = pytest.mark.acceptance
 
@@ -50,15 +49,6 @@ SCRUBBED = {
     "PYTHONPATH",
     "VIRTUAL_ENV",
 }
-
-
-def run(argv: list[str], *, timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run a command, failing the test with its output when it fails."""
-    done = subprocess.run(
-        argv, capture_output=True, text=True, timeout=timeout, check=False, **kwargs
-    )
-    assert done.returncode == 0, f"{argv} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
-    return done
 
 
 def exec_form(instruction: str) -> list[str]:
@@ -88,18 +78,18 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A clean virtualenv holding only the project's wheel and its runtime dependencies."""
     root = tmp_path_factory.mktemp("wheel")
     wheels = root / "wheels"
-    run(
+    run_ok(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(wheels), str(REPO)],
         timeout=INSTALL_SECONDS,
     )
     (wheel,) = wheels.glob("*.whl")
     venv = root / "venv"
     # No pip inside (saves ~10 s of ensurepip): our pip installs into it with --python.
-    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=60)
+    run_ok([sys.executable, "-m", "venv", "--without-pip", str(venv)], timeout=60)
     pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python")]
     # As the Dockerfile does: the pinned versions the suite runs with.
     constraints = str(REPO / "constraints.txt")
-    run([*pip, "install", "-q", "-c", constraints, str(wheel)], timeout=INSTALL_SECONDS)
+    run_ok([*pip, "install", "-q", "-c", constraints, str(wheel)], timeout=INSTALL_SECONDS)
     return venv
 
 
@@ -124,33 +114,6 @@ def get(url: str) -> int:
         return exc.code
 
 
-def wait_for_event(log: Path, process: subprocess.Popen[bytes], event: str) -> dict[str, Any]:
-    """The first JSON line with this event, within START_SECONDS."""
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("{") and json.loads(line).get("event") == event:
-                return dict(json.loads(line))
-        assert process.poll() is None, f"exited with {process.returncode}:\n{log.read_text()}"
-        time.sleep(0.05)  # polling its log file: the condition is the line appearing
-    pytest.fail(f"no {event!r} within {START_SECONDS} s:\n{log.read_text()}")
-
-
-def wait_for_status(url: str, expected: int) -> None:
-    """Poll until GET url answers `expected`, within START_SECONDS."""
-    deadline = time.monotonic() + START_SECONDS
-    status: int | str = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            status = get(url)
-        except OSError as exc:
-            status = str(exc)
-        if status == expected:
-            return
-        time.sleep(0.1)  # polling an HTTP answer: the condition lives in another process
-    pytest.fail(f"GET {url} never answered {expected} (last: {status})")
-
-
 @pytest.mark.timeout(INSTALL_SECONDS * 2 + 60)
 def test_installed_wheel_runs_the_image_command(
     installed: Path, empty_database_url: str, tmp_path: Path
@@ -161,7 +124,7 @@ def test_installed_wheel_runs_the_image_command(
     assert argv[1:] == ["listen"], "the image's default command is `token-reset listen`"
     python = str(installed / "bin" / "python")
 
-    located = run(
+    located = run_ok(
         [python, "-c", "import listener.sql as s; print(s.sql_root())"],
         timeout=30,
         cwd=tmp_path,
@@ -170,28 +133,24 @@ def test_installed_wheel_runs_the_image_command(
     assert Path(located.stdout.strip()).is_relative_to(installed), "sql/ must come from the wheel"
 
     env.update(DATABASE_URL=empty_database_url, CRON_SECRET=SECRET)
-    migrated = run([argv[0], "migrate"], timeout=60, cwd=tmp_path, env=env)
+    migrated = run_ok([argv[0], "migrate"], timeout=60, cwd=tmp_path, env=env)
     versions = sorted(int(p.name[:4]) for p in (REPO / "sql" / "migrations").glob("[0-9]*.sql"))
     assert json.loads(migrated.stdout)["applied"] == versions
 
     env.update(HTTP_HOST="127.0.0.1", HTTP_PORT="0")
-    log = tmp_path / "listen.log"
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, env=env
-        )
+    process = Process("listen", argv, tmp_path, env, cwd=tmp_path)
     try:
-        listening = wait_for_event(log, process, "http_listening")
+        listening = wait_for_log_event(process, "http_listening", START_SECONDS)
         base = f"http://127.0.0.1:{listening['port']}"
         assert get(f"{base}/healthz") == 200
-        wait_for_status(f"{base}/readyz", 200)
+        wait_until_ready(process, f"{base}/readyz", START_SECONDS)
 
         (healthcheck,) = args_of("HEALTHCHECK", final_stage())
         probe = exec_form(healthcheck.split(" CMD ", 1)[1])
         probe_program = shutil.which(probe[0], path=env["PATH"])
         assert probe_program is not None
         assert Path(probe_program).is_relative_to(installed), "HEALTHCHECK must use the venv"
-        run(
+        run_ok(
             [probe_program, *probe[1:]],
             timeout=10,
             cwd=tmp_path,
@@ -200,15 +159,13 @@ def test_installed_wheel_runs_the_image_command(
 
         (stop_signal,) = args_of("STOPSIGNAL", final_stage())
         started = time.monotonic()
-        process.send_signal(signal.Signals[stop_signal])
-        code = process.wait(timeout=STOP_SECONDS)
-        assert code == 0, log.read_text()
+        process.popen.send_signal(signal.Signals[stop_signal])
+        code = process.popen.wait(timeout=STOP_SECONDS)
+        assert code == 0, process.output()
         assert time.monotonic() - started < STOP_SECONDS
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=STOP_SECONDS)
-    lines = log.read_text(encoding="utf-8").splitlines()
+        process.stop()
+    lines = process.output().splitlines()
     events = [json.loads(line)["event"] for line in lines]  # LOG_FORMAT=json from the image
     assert "listener_caught_up" in events
     assert events[-1] == "listener_stopped"

@@ -7,34 +7,11 @@ bench`, against BENCH_DATABASE_URL or an embedded server of their own.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-# Each smoke run is designed for < 20 s; the limit leaves room for a loaded CI machine.
-SMOKE_TIMEOUT_SECONDS = 110
-
-
-def run_smoke(module: str, output: Path, *extra: str) -> dict[str, Any]:
-    """Run `python -m bench.<module> --smoke` and return the JSON it wrote."""
-    done = subprocess.run(
-        [sys.executable, "-m", f"bench.{module}", "--smoke", "--output", str(output), *extra],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT_SECONDS,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=False,
-    )
-    assert done.returncode == 0, f"{module} failed:\n{done.stdout}\n{done.stderr}"
-    result: dict[str, Any] = json.loads(output.read_text(encoding="utf-8"))
-    return result
+from tests.support.bench import SMOKE_TIMEOUT_SECONDS, listed_benchmarks, run_smoke
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT_SECONDS + 10)
@@ -81,18 +58,9 @@ def test_write_path_smoke_reports_tps_and_both_ratios(tmp_path: Path) -> None:
 
 def test_bench_runner_discovers_every_benchmark() -> None:
     """`python -m bench --list` finds each benchmark module (and no helper module)."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--list"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-    )
-    names = done.stdout.split()
-    assert {"bulk_reset", "write_path", "periodic_cost", "scale"} <= set(names)
-    assert not {"common", "plot"} & set(names)
+    names = listed_benchmarks()
+    assert {"bulk_reset", "write_path", "periodic_cost", "scale"} <= names
+    assert not {"common", "plot"} & names
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT_SECONDS + 10)

@@ -8,40 +8,11 @@ BENCH_DATABASE_URL or an embedded server of their own.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-# Each smoke run is designed for < 20 s; the limit leaves room for a loaded CI machine.
-SMOKE_TIMEOUT_SECONDS = 110
-
-
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m <module> <args>` from the repository root; fail with its output."""
-    done = subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT_SECONDS,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=False,
-    )
-    assert done.returncode == 0, f"{module} failed:\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-def run_smoke(name: str, output: Path) -> dict[str, Any]:
-    """`python -m bench.<name> --smoke --output <output>` and the JSON it wrote."""
-    run_module(f"bench.{name}", "--smoke", "--output", str(output))
-    result: dict[str, Any] = json.loads(output.read_text(encoding="utf-8"))
-    return result
+from tests.support.bench import SMOKE_TIMEOUT_SECONDS, run_module, run_smoke
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT_SECONDS + 10)

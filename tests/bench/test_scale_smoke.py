@@ -8,36 +8,17 @@ and was checked, and that the plot is drawn.  It runs as a subprocess, like
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.bench import listed_benchmarks, run_smoke
+
 # The smoke run takes about 30 s here; the limit leaves room for a loaded CI machine.
 SMOKE_TIMEOUT_SECONDS = 240
 CONTENDERS = {"function", "committing", "minimal", "minimal_full", "bare"}
 WORKLOADS = {"deduct", "update_triggers_on", "update_triggers_off", "bare_counter"}
-
-
-def run_scale_smoke(output: Path) -> dict[str, Any]:
-    """`python -m bench.scale --smoke --output <output>`; returns the JSON it wrote."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.scale", "--smoke", "--output", str(output)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=SMOKE_TIMEOUT_SECONDS,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=False,
-    )
-    assert done.returncode == 0, f"bench.scale failed:\n{done.stdout}\n{done.stderr}"
-    result: dict[str, Any] = json.loads(output.read_text(encoding="utf-8"))
-    return result
 
 
 def _positive_summary(value: dict[str, Any], what: str) -> None:
@@ -50,7 +31,7 @@ def _positive_summary(value: dict[str, Any], what: str) -> None:
 def test_scale_smoke_reports_every_size_and_section(tmp_path: Path) -> None:
     """Each smoke size has bulk, latency, listener, sizes and write results, and a plot."""
     output = tmp_path / "scale.json"
-    result = run_scale_smoke(output)
+    result = run_smoke("scale", output, timeout=SMOKE_TIMEOUT_SECONDS)
     assert result["benchmark"] == "scale"
     assert result["smoke"] is True
     assert [r["users"] for r in result["results"]] == [2_000, 20_000]
@@ -96,15 +77,6 @@ def test_scale_smoke_reports_every_size_and_section(tmp_path: Path) -> None:
 
 def test_bench_runner_discovers_scale_and_not_its_helpers() -> None:
     """`python -m bench --list` runs bench.scale but none of its helper modules."""
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--list"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        check=True,
-    )
-    names = set(done.stdout.split())
+    names = listed_benchmarks()
     assert "scale" in names
     assert not {"scale_data", "scale_bulk", "scale_writes", "plot_scale"} & names

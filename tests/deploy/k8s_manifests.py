@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -100,18 +99,6 @@ def workloads() -> list[dict[str, Any]]:
 def env_of(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A container's env entries by name."""
     return {entry["name"]: entry for entry in spec.get("env", [])}
-
-
-def strings(node: Any) -> Iterator[str]:
-    """Every string value anywhere in a YAML tree."""
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from strings(value)
 
 
 def pod_environment(

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.deploy.yaml_tree import strings
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
@@ -46,18 +48,6 @@ def depends_on(service: dict[str, Any]) -> dict[str, str]:
     if isinstance(deps, list):
         return dict.fromkeys(deps, "service_started")
     return {name: spec.get("condition", "service_started") for name, spec in deps.items()}
-
-
-def strings(node: Any) -> Iterator[str]:
-    """Every string value anywhere in a YAML tree."""
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for value in node.values():
-            yield from strings(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from strings(value)
 
 
 def test_expected_services() -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from listener import __version__
+from tests.support.processes import run_to_end
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
@@ -58,13 +58,8 @@ def hadolint() -> str:
 
 def test_hadolint_has_no_errors() -> None:
     """hadolint reports no error-level finding."""
-    result = subprocess.run(
-        [hadolint(), "--failure-threshold", "error", str(DOCKERFILE)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    result = run_to_end(
+        [hadolint(), "--failure-threshold", "error", str(DOCKERFILE)], cwd=REPO, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -48,9 +48,9 @@ from tests.deploy.k8s_manifests import (
     only,
     pod_environment,
     statefulset,
-    strings,
     workloads,
 )
+from tests.deploy.yaml_tree import strings
 
 RULES = REPO / "deploy" / "prometheus" / "rules.yml"
 

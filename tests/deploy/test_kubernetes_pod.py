@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +43,7 @@ from tests.deploy.k8s_manifests import (
 )
 from tests.deploy.test_dockerfile import args_of, final_stage
 from tests.support.database import run_sync
+from tests.support.processes import Process, run_to_end, wait_for_log_event, wait_until_ready
 
 pytestmark = pytest.mark.acceptance
 
@@ -169,33 +169,6 @@ def request(url: str, *, method: str = "GET", token: str | None = None) -> tuple
         return exc.code, exc.read()
 
 
-def wait_for_port(log: Path, process: subprocess.Popen[bytes]) -> int:
-    """The port of the first `http_listening` line, within START_SECONDS."""
-    deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        for line in log.read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith("{") and json.loads(line).get("event") == "http_listening":
-                return int(json.loads(line)["port"])
-        assert process.poll() is None, f"exited with {process.returncode}:\n{log.read_text()}"
-        time.sleep(0.05)  # polling its log file: the condition is the line appearing
-    pytest.fail(f"no http_listening line:\n{log.read_text()}")
-
-
-def wait_for_status(url: str, expected: int) -> None:
-    """Poll until GET url answers `expected`, within START_SECONDS."""
-    deadline = time.monotonic() + START_SECONDS
-    status: int | str = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            status, _ = request(url)
-        except OSError as exc:
-            status = str(exc)
-        if status == expected:
-            return
-        time.sleep(0.1)  # polling an HTTP answer: the condition lives in another process
-    pytest.fail(f"GET {url} never answered {expected} (last: {status})")
-
-
 @pytest.mark.timeout(110)
 def test_the_job_and_two_replicas_run_as_the_manifests_configure_them(
     empty_database_url: str, pod_root: Path
@@ -210,14 +183,11 @@ def test_the_job_and_two_replicas_run_as_the_manifests_configure_them(
     secrets = dict(SAMPLE_SECRETS, **{"migrate-database-url": empty_database_url})
     env = image_env() | pod_environment(job(), migrate_container(), secrets, migrate_dir)
     probe = writable_probe(migrate_dir, job())
-    done = subprocess.run(
+    done = run_to_end(
         pod_argv(job(), migrate_container()["args"], migrate_dir, probe),
         cwd=REPO,
         env=env,
-        capture_output=True,
-        text=True,
         timeout=60,
-        check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     versions = sorted(int(p.name[:4]) for p in (REPO / "sql" / "migrations").glob("[0-9]*.sql"))
@@ -227,7 +197,7 @@ def test_the_job_and_two_replicas_run_as_the_manifests_configure_them(
     listener_url = run_sync(listener_login, empty_database_url, role)
     sts = statefulset()
     grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    processes: list[tuple[subprocess.Popen[bytes], Path]] = []
+    processes: list[Process] = []
     try:
         for ordinal in range(sts["spec"]["replicas"]):
             pod_dir = pod_root / f"token-reset-{ordinal}"
@@ -241,19 +211,17 @@ def test_the_job_and_two_replicas_run_as_the_manifests_configure_them(
             )
             env["HTTP_PORT"] = "0"  # two replicas on one host network
             probe = writable_probe(pod_dir, sts)
-            log = pod_dir / "log"
-            with log.open("wb") as out:
-                argv = pod_argv(sts, listener_container()["args"], pod_dir, probe)
-                process = subprocess.Popen(
-                    argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env
-                )
-            processes.append((process, log))
+            argv = pod_argv(sts, listener_container()["args"], pod_dir, probe)
+            processes.append(Process(pod_dir.name, argv, pod_dir, env, cwd=REPO))
 
-        ports = [wait_for_port(log, process) for process, log in processes]
-        for port in ports:
+        ports = [
+            int(wait_for_log_event(process, "http_listening", START_SECONDS)["port"])
+            for process in processes
+        ]
+        for process, port in zip(processes, ports, strict=True):
             base = f"http://127.0.0.1:{port}"
             assert request(f"{base}{probe_path('livenessProbe')}")[0] == 200
-            wait_for_status(f"{base}{probe_path('readinessProbe')}", 200)
+            wait_until_ready(process, f"{base}{probe_path('readinessProbe')}", START_SECONDS)
         assert run_sync(cursor_names, empty_database_url) >= {"token-reset-0", "token-reset-1"}
 
         endpoint = f"http://127.0.0.1:{ports[0]}/api/admin/reset-monthly-tokens"
@@ -262,22 +230,20 @@ def test_the_job_and_two_replicas_run_as_the_manifests_configure_them(
         assert status == 200, body
         assert json.loads(body)["success"] is True
 
-        for process, _ in processes:
-            process.send_signal(signal.SIGTERM)
+        for process in processes:
+            process.popen.send_signal(signal.SIGTERM)
         started = time.monotonic()
-        for process, log in processes:
-            code = process.wait(timeout=grace)
-            assert code == 0, log.read_text()
+        for process in processes:
+            code = process.popen.wait(timeout=grace)
+            assert code == 0, process.output()
         assert time.monotonic() - started < grace
     finally:
-        for process, _ in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=10)
+        for process in processes:
+            process.stop()
         run_sync(drop_login, empty_database_url, role)
 
-    for _, log in processes:
-        text = log.read_text(encoding="utf-8")
+    for process in processes:
+        text = process.output()
         assert "Read-only file system" not in text
         assert "Permission denied" not in text
         events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]

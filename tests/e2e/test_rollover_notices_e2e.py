@@ -22,8 +22,10 @@ from tests.support.notices import (
     JSON_PATH,
     MATTERMOST_PATH,
     accepted,
+    assert_complete_notice,
     finish_rollover,
     leaked,
+    mattermost_fails_first,
     notice_urls,
     start_rollover,
     text_of,
@@ -89,17 +91,9 @@ async def test_two_replicas_one_restarted_send_one_notice_per_destination_and_no
     its retry waits.  Each destination accepts exactly one notice with the rollover's
     numbers, and no replica ever logged any 8-character piece of a secret."""
     await start_rollover(conn)
-    failures_left = [1]
-
-    def status_for(path: str) -> int | None:
-        if path == MATTERMOST_PATH and failures_left[0] > 0:
-            failures_left[0] -= 1
-            return 500
-        return None
-
     processes: list[Process] = []
     with RecordingServer() as receiver:
-        receiver.status_for = status_for
+        receiver.status_for = mattermost_fails_first(1)
         urls = notice_urls(receiver.url)
 
         def start(name: str, log_name: str) -> Process:
@@ -134,10 +128,7 @@ async def test_two_replicas_one_restarted_send_one_notice_per_destination_and_no
     assert len(received) == 3
     for body in (json_body, slack_body):
         text = text_of(body)
-        assert f"Token rollover {done.period} complete" in text
-        assert "Users reset: 30 (bulk 25, trigger 3, function 2)." in text
-        assert f"Bulk runs this period: 1 (1 success), {done.bulk.batches} batches." in text
-        assert "Left stale: 0 users carry last period's usage." in text
+        assert_complete_notice(text, done)
     assert json_body["type"] == "success"
     rows = await conn.fetch(
         "SELECT label, state, attempts, last_error FROM token_reset_notice_deliveries"

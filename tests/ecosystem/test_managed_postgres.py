@@ -3,16 +3,16 @@ may not create roles.  A cluster of its own, so the group roles really do not ex
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 
 import asyncpg
 import pytest
 
-from listener.embedded import EmbeddedPostgres, private_data_root
+from listener.embedded import EmbeddedPostgres
 from listener.migrate import apply_migrations
 from tests.support.cli import run_cli
+from tests.support.database import own_cluster
 from tests.support.env import clean_env
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -22,14 +22,9 @@ OWNER = "app_owner"
 
 @pytest.fixture(scope="module")
 def bare_cluster() -> Iterator[EmbeddedPostgres]:
-    with private_data_root("token-reset-managed-") as root:
-        server = EmbeddedPostgres(data_dir=root / "pgdata", settings={"fsync": "off"})
-        server.start()
-        try:
-            yield server
-        finally:
-            with contextlib.suppress(Exception):
-                server.destroy()
+    """A cluster of its own: on the shared test server the group roles exist."""
+    with own_cluster("token-reset-managed-", {"fsync": "off"}) as server:
+        yield server
 
 
 async def test_migrate_without_createrole_works_and_names_the_missing_roles(

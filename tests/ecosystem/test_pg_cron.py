@@ -9,7 +9,6 @@ for hours" alert cover pg_cron deployments too.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +17,10 @@ import asyncpg
 import pytest
 
 from listener.commands.status import gather_status
-from listener.embedded import EmbeddedPostgres, private_data_root
+from listener.embedded import EmbeddedPostgres
 from listener.migrate import apply_migrations
 from listener.sql import query
+from tests.support.database import own_cluster
 from tests.support.users import add_stale_users
 from tests.support.waiting import wait_until
 
@@ -37,22 +37,13 @@ def cron_server() -> Iterator[EmbeddedPostgres]:
     assert Path("/usr/lib/postgresql/15/lib/pg_cron.so").exists(), (
         "pg_cron missing: apt-get install postgresql-15-cron"
     )
-    with private_data_root("token-reset-cron-") as root:
-        server = EmbeddedPostgres(
-            data_dir=root / "pgdata",
-            bindir=PG15_BINDIR,
-            settings={
-                "shared_preload_libraries": "pg_cron",
-                "cron.database_name": DATABASE,
-                "fsync": "off",
-            },
-        )
-        server.start()
-        try:
-            yield server
-        finally:
-            with contextlib.suppress(Exception):
-                server.destroy()
+    settings = {
+        "shared_preload_libraries": "pg_cron",
+        "cron.database_name": DATABASE,
+        "fsync": "off",
+    }
+    with own_cluster("token-reset-cron-", settings, PG15_BINDIR) as server:
+        yield server
 
 
 async def test_pg_cron_runs_are_recorded_like_every_other_bulk_run(

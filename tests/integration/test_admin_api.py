@@ -18,15 +18,14 @@ from listener.admin_api import RESET_PATH, admin_routes
 from listener.config import Settings
 from listener.metrics import Metrics
 from tests.support.bulk import (
-    BULK_APPLICATION_NAME,
-    bulk_waiting_on_lock,
-    row_lock,
+    blocked_run,
+    kill_bulk_sessions,
+    running_run_id,
     runs,
     unreachable_url,
 )
 from tests.support.env import settings_for
 from tests.support.users import add_stale_users, carrying_usage
-from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -221,14 +220,12 @@ async def test_two_concurrent_calls_run_one_bulk_reset(
         async def first_call() -> None:
             answers.append(await client.post(RESET_PATH, headers=bearer()))
 
-        async with anyio.create_task_group() as group, row_lock(database_url, stale[0]):
-            group.start_soon(first_call)
-            await wait_until(lambda: bulk_waiting_on_lock(conn), what="first call to block")
+        async with blocked_run(
+            conn, database_url, stale[0], first_call, what="first call to block"
+        ):
             with anyio.fail_after(5):
                 second = await client.get(RESET_PATH, headers=bearer())
-            running = await conn.fetchval(
-                "SELECT run_id FROM token_reset_bulk_runs WHERE outcome = 'running'"
-            )
+            running = await running_run_id(conn)
     (first,) = answers
     assert second.status_code == 200
     assert second.json()["skipped"] is True
@@ -265,14 +262,8 @@ async def test_database_lost_during_a_call_gives_500_and_keeps_committed_work(
         async def call() -> None:
             answers.append(await client.post(RESET_PATH, headers=bearer()))
 
-        async with anyio.create_task_group() as group, row_lock(database_url, stale[0]):
-            group.start_soon(call)
-            await wait_until(lambda: bulk_waiting_on_lock(conn), what="the call to block")
-            await conn.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = $1 AND datname = current_database()",
-                BULK_APPLICATION_NAME,
-            )
+        async with blocked_run(conn, database_url, stale[0], call, what="the call to block"):
+            await kill_bulk_sessions(conn)
         (failed,) = answers
         assert failed.status_code == 500
         assert failed.json()["success"] is False

@@ -12,16 +12,15 @@ from structlog.testing import capture_logs
 from listener.bulk import BatchProgress, BulkResetError, BulkResult, run_bulk_reset
 from listener.metrics import Metrics
 from tests.support.bulk import (
-    BULK_APPLICATION_NAME,
-    bulk_waiting_on_lock,
-    row_lock,
+    blocked_run,
+    kill_bulk_sessions,
+    running_run_id,
     runs,
     unreachable_url,
 )
 from tests.support.env import settings_for
 from tests.support.metrics import sample
 from tests.support.users import add_current_users, add_stale_users, carrying_usage
-from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -121,14 +120,10 @@ async def test_a_concurrent_caller_is_skipped_promptly_and_names_the_running_run
     async def run_first() -> None:
         first.append(await run_bulk_reset(settings, source="schedule", metrics=metrics))
 
-    async with anyio.create_task_group() as group, row_lock(database_url, stale[0]):
-        group.start_soon(run_first)
-        await wait_until(lambda: bulk_waiting_on_lock(conn), what="the first run to block")
+    async with blocked_run(conn, database_url, stale[0], run_first, what="the first run to block"):
         with anyio.fail_after(5):
             second = await run_bulk_reset(settings, source="endpoint", metrics=metrics)
-        running = await conn.fetchval(
-            "SELECT run_id FROM token_reset_bulk_runs WHERE outcome = 'running'"
-        )
+        running = await running_run_id(conn)
         # The row lock is released: the first run finishes while the group waits for it.
     assert second.outcome == "skipped"
     assert second.skip_reason == "already_running"
@@ -159,14 +154,8 @@ async def test_connection_lost_mid_run_keeps_committed_batches_and_a_rerun_finis
         except BulkResetError as exc:
             errors.append(exc)
 
-    async with anyio.create_task_group() as group, row_lock(database_url, stale[0]):
-        group.start_soon(run_doomed)
-        await wait_until(lambda: bulk_waiting_on_lock(conn), what="the run to block")
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = $1 AND datname = current_database()",
-            BULK_APPLICATION_NAME,
-        )
+    async with blocked_run(conn, database_url, stale[0], run_doomed):
+        await kill_bulk_sessions(conn)
 
     (error,) = errors
     assert error.reset_count == 19  # every batch committed; only the locked user is left
@@ -216,10 +205,8 @@ async def test_cancelled_run_is_recorded_as_failure(
     async def run() -> None:
         await run_bulk_reset(settings_for(database_url), source="cli")
 
-    async with anyio.create_task_group() as group, row_lock(database_url, stale[0]):
-        group.start_soon(run)
-        await wait_until(lambda: bulk_waiting_on_lock(conn), what="the run to block")
-        group.cancel_scope.cancel()
+    async with blocked_run(conn, database_url, stale[0], run) as blocked:
+        blocked.cancel_scope.cancel()
     (row,) = await runs(conn)
     assert (row["outcome"], row["error"]) == ("failure", "cancelled")
 

@@ -14,7 +14,7 @@ from listener.metrics import Metrics
 from listener.service import Service
 from tests.support.env import CONSUMER, listener_settings
 from tests.support.metrics import counted, sample
-from tests.support.service import ready, running, wait_counts_match_ledger
+from tests.support.service import ready, ready_listener, running, wait_counts_match_ledger
 from tests.support.users import add_stale_users, ledger_counts, reset_by_bulk, reset_by_trigger
 from tests.support.waiting import wait_until
 
@@ -34,8 +34,7 @@ async def test_terminated_connection_reconnects_and_counts_equal_the_ledger(
     produced: list[int] = []
     at_kill: list[int] = []
     enough = anyio.Event()
-    async with running(listener_settings(database_url)) as service:
-        await ready(service)
+    async with ready_listener(database_url) as service:
         killer = await asyncpg.connect(database_url)
         try:
             async with anyio.create_task_group() as group:
@@ -159,8 +158,7 @@ async def test_a_ledger_behind_the_cursor_does_not_silence_the_listener(
         "INSERT INTO token_reset_listener_cursors (consumer, last_id) VALUES ($1, 1000000)",
         CONSUMER,
     )
-    async with running(listener_settings(database_url)) as service:
-        await ready(service)
+    async with ready_listener(database_url) as service:
         assert service.ledger.cursor is not None
         assert service.ledger.cursor < 1_000_000
         await reset_by_trigger(conn, users)

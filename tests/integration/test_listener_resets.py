@@ -6,9 +6,12 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.support.env import listener_settings
 from tests.support.metrics import counted, notifications
-from tests.support.service import force_read, ready, running, wait_counts_match_ledger
+from tests.support.service import (
+    force_read,
+    ready_listener,
+    wait_counts_match_ledger,
+)
 from tests.support.users import (
     add_stale_users,
     ledger_counts,
@@ -26,8 +29,7 @@ async def test_trigger_function_and_bulk_resets_are_counted_exactly_once(
 ) -> None:
     """Each path's resets appear in token_reset_users_total once, matching the ledger."""
     users = await add_stale_users(conn, 30)
-    async with running(listener_settings(database_url)) as service:
-        await ready(service)
+    async with ready_listener(database_url) as service:
         await reset_by_trigger(conn, users[:10])
         await reset_by_function(conn, users[10:15])
         assert await reset_by_bulk(conn) == 15
@@ -43,8 +45,7 @@ async def test_gauges_and_lag_come_from_the_ledger(
 ) -> None:
     """The last-reset gauge is the newest ledger row's time; every batch observes lag."""
     users = await add_stale_users(conn, 3)
-    async with running(listener_settings(database_url)) as service:
-        await ready(service)
+    async with ready_listener(database_url) as service:
         await reset_by_trigger(conn, users)
         await wait_counts_match_ledger(service, conn)
         registry = service.metrics.registry
@@ -63,8 +64,7 @@ async def test_a_smaller_id_committed_late_is_still_counted(
 ) -> None:
     """Ids are drawn at INSERT but visible at COMMIT: the cursor must not skip the early one."""
     first, second = await add_stale_users(conn, 2)
-    async with running(listener_settings(database_url)) as service:
-        await ready(service)
+    async with ready_listener(database_url) as service:
         slow = await asyncpg.connect(database_url)
         try:
             transaction = slow.transaction()
@@ -86,8 +86,7 @@ async def test_malformed_and_forged_doorbells_never_change_counts(
 ) -> None:
     """Garbage is counted as malformed; a forged id range causes only a harmless read."""
     users = await add_stale_users(conn, 4)
-    async with running(listener_settings(database_url)) as service:
-        await ready(service)
+    async with ready_listener(database_url) as service:
         await reset_by_trigger(conn, users)
         truth = await wait_counts_match_ledger(service, conn)
         reads = service.ledger.reads
@@ -116,8 +115,7 @@ async def test_a_burst_of_10000_doorbells_costs_a_handful_of_reads(
 ) -> None:
     """Doorbells are coalesced: one read drains any number of pending ones."""
     users = await add_stale_users(conn, 1)
-    async with running(listener_settings(database_url)) as service:
-        await ready(service)
+    async with ready_listener(database_url) as service:
         await reset_by_trigger(conn, users)
         await wait_counts_match_ledger(service, conn)
         reads = service.ledger.reads
@@ -145,8 +143,7 @@ async def test_http_endpoints_report_health_readiness_and_metrics(
     database_url: str, conn: asyncpg.Connection
 ) -> None:
     """/healthz answers, /readyz is 200 once caught up, /metrics has the contract's names."""
-    async with running(listener_settings(database_url)) as service:
-        await ready(service)
+    async with ready_listener(database_url) as service:
         base = f"http://127.0.0.1:{service.state.http_port}"
         async with httpx.AsyncClient(base_url=base) as client:
             assert (await client.get("/healthz")).status_code == 200

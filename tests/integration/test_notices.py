@@ -27,8 +27,10 @@ from tests.support.notices import (
     JSON_PATH,
     MATTERMOST_PATH,
     accepted,
+    assert_complete_notice,
     finish_rollover,
     leaked,
+    mattermost_fails_first,
     notice_urls,
     rollover,
     start_rollover,
@@ -146,10 +148,7 @@ async def test_a_real_rollover_sends_one_notice_per_destination_with_its_numbers
     assert by_source == {"trigger": 3, "function": 2, "bulk": 25}
     for body in (json_body, slack_body):
         text = text_of(body)
-        assert f"Token rollover {done.period} complete" in text
-        assert "Users reset: 30 (bulk 25, trigger 3, function 2)." in text
-        assert f"Bulk runs this period: 1 (1 success), {done.bulk.batches} batches." in text
-        assert "Left stale: 0 users carry last period's usage." in text
+        assert_complete_notice(text, done)
         days = int(done.completed_after_seconds // 86400)
         assert re.search(rf"Complete {days} d \d+ h after the period start", text), text
     rows = await deliveries(conn)
@@ -167,17 +166,9 @@ async def test_a_failing_destination_is_retried_with_backoff_and_sent_once(
     recorded (without a secret), retried after a backoff, and it gets the notice once;
     the healthy destination is not sent to again meanwhile."""
     clock = PeriodClock(await period_start(conn) + timedelta(minutes=1))
-    failures_left = [2]
-
-    def status_for(path: str) -> int | None:
-        if path == MATTERMOST_PATH and failures_left[0] > 0:
-            failures_left[0] -= 1
-            return 500
-        return None
-
     metrics = Metrics.fresh()
     with RecordingServer() as receiver, capture_logs() as logs:
-        receiver.status_for = status_for
+        receiver.status_for = mattermost_fails_first(2)
         settings = settings_for(database_url, receiver, "replica-a")
         await rollover(conn, settings)
         notifier = Notifier(settings, metrics, clock=clock)

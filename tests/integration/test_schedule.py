@@ -14,7 +14,12 @@ from structlog.testing import capture_logs
 from listener.bulk import BulkResult
 from listener.metrics import Metrics
 from listener.schedule import Scheduler, run_schedule
-from tests.support.bulk import bulk_waiting_on_lock, row_lock, runs, unreachable_url
+from tests.support.bulk import (
+    blocked_run,
+    kill_bulk_sessions,
+    runs,
+    unreachable_url,
+)
 from tests.support.env import settings_for
 from tests.support.metrics import sample
 from tests.support.users import add_stale_users, carrying_usage
@@ -147,9 +152,7 @@ async def test_two_replicas_racing_for_one_slot_run_it_once(
     async def tick_a() -> None:
         results.append(await replica_a.tick(now))
 
-    async with anyio.create_task_group() as group, row_lock(database_url, stale[0]):
-        group.start_soon(tick_a)
-        await wait_until(lambda: bulk_waiting_on_lock(conn), what="replica A to be running")
+    async with blocked_run(conn, database_url, stale[0], tick_a, what="replica A to be running"):
         with anyio.fail_after(5):
             skipped = await replica_b.tick(now)
     (ran,) = results
@@ -218,13 +221,8 @@ async def test_a_failed_run_is_retried_and_the_slot_stays_due(
     async def tick() -> None:
         results.append(await scheduler.tick(FEB_SLOT))
 
-    async with anyio.create_task_group() as group, row_lock(database_url, stale[0]):
-        group.start_soon(tick)
-        await wait_until(lambda: bulk_waiting_on_lock(conn), what="the run to block")
-        await conn.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE application_name = 'token-reset:bulk' AND datname = current_database()"
-        )
+    async with blocked_run(conn, database_url, stale[0], tick):
+        await kill_bulk_sessions(conn)
     assert results == [None]
     assert scheduler.served_through == JAN_SLOT
     retry = await scheduler.tick(FEB_SLOT + timedelta(seconds=60))

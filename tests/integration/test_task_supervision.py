@@ -24,7 +24,7 @@ from listener.service import Service
 from tests.support.env import listener_settings
 from tests.support.metrics import Scrape, sample
 from tests.support.recording_server import RecordingServer
-from tests.support.service import ready, running, wait_counts_match_ledger
+from tests.support.service import ready, ready_listener, running, wait_counts_match_ledger
 from tests.support.users import add_stale_users, reset_by_trigger
 from tests.support.waiting import wait_until
 
@@ -136,8 +136,7 @@ async def test_a_restarted_listener_counts_what_happened_while_it_was_down(
 ) -> None:
     """The listener task dies and restarts: resets written meanwhile are counted, once."""
     users = await add_stale_users(conn, 6)
-    async with running(listener_settings(database_url)) as service:
-        await ready(service)
+    async with ready_listener(database_url) as service:
         service.supervisor.fail("listener")
         await wait_until(lambda: gauge(service.metrics, "listener") == 0, what="listener down")
         await reset_by_trigger(conn, users)

@@ -13,4 +13,5 @@
 * `service`: the service in the test's own task group, its readiness, counters = ledger.
 * `processes`: the one process harness: any program as a child (`Process`), and the real
   `listen` with its log events, /readyz and /metrics (`running_listener`).
+* `bench`: the benchmarks' smoke runs, `python -m bench...` as a child, and their JSON.
 """

@@ -9,18 +9,20 @@ failure with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 import asyncpg
 
-from listener.embedded import EmbeddedPostgres
+from listener.embedded import EmbeddedPostgres, private_data_root
 from listener.migrate import apply_migrations
 
 # Durability is not what these tests measure; turning it off makes the suite faster.
@@ -90,6 +92,9 @@ class TestServer:
             await conn.close()
 
 
+ServerT = TypeVar("ServerT", bound=TestServer)
+
+
 @contextmanager
 def test_server(tmp_dir: Path) -> Iterator[TestServer]:
     """TEST_DATABASE_URL's server, or an embedded one under tmp_dir for the session."""
@@ -97,12 +102,45 @@ def test_server(tmp_dir: Path) -> Iterator[TestServer]:
     if url:
         yield TestServer(admin_url=url)
         return
-    server = EmbeddedPostgres(data_dir=tmp_dir / "pgdata", settings=TEST_SERVER_SETTINGS)
+    with embedded_server(tmp_dir / "pgdata", TEST_SERVER_SETTINGS, TestServer) as server:
+        yield server
+
+
+@contextmanager
+def embedded_server(
+    data_dir: Path, settings: Mapping[str, str], kind: type[ServerT]
+) -> Iterator[ServerT]:
+    """An embedded server started in data_dir, as a `kind` (the tests' class or the
+    benchmarks'); destroyed however the block ends, so no run leaves a server behind."""
+    server = EmbeddedPostgres(data_dir=data_dir, settings=dict(settings))
     server.start()
     try:
-        yield TestServer(admin_url=server.dsn, embedded=server)
+        yield kind(admin_url=server.dsn, embedded=server)
     finally:
         server.destroy()
+
+
+@contextmanager
+def own_cluster(
+    prefix: str, settings: Mapping[str, str], bindir: Path | None = None
+) -> Iterator[EmbeddedPostgres]:
+    """A cluster of a test's own, not the shared test server: for what the shared one
+    must not have (roles missing, a preloaded extension, another major version).  In
+    a private temp dir named by prefix; destroyed after, and a failure to destroy it
+    never hides the test's own result."""
+    with private_data_root(prefix) as root:
+        if bindir is None:
+            server = EmbeddedPostgres(data_dir=root / "pgdata", settings=dict(settings))
+        else:
+            server = EmbeddedPostgres(
+                data_dir=root / "pgdata", bindir=bindir, settings=dict(settings)
+            )
+        server.start()
+        try:
+            yield server
+        finally:
+            with contextlib.suppress(Exception):
+                server.destroy()
 
 
 def unique_name(prefix: str) -> str:

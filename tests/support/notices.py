@@ -10,6 +10,7 @@ piece of them can appear in a hex hash by chance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,6 +80,15 @@ async def start_rollover(conn: asyncpg.Connection) -> None:
         await conn.execute("SELECT deduct_tokens($1, 1, 'chat')", user)
 
 
+def assert_complete_notice(text: str, done: Rollover) -> None:
+    """A completion notice's text tells start_rollover's rollover as it happened: the
+    period, the resets by path, the bulk run and its batches, nobody left stale."""
+    assert f"Token rollover {done.period} complete" in text, text
+    assert "Users reset: 30 (bulk 25, trigger 3, function 2)." in text, text
+    assert f"Bulk runs this period: 1 (1 success), {done.bulk.batches} batches." in text, text
+    assert "Left stale: 0 users carry last period's usage." in text, text
+
+
 async def finish_rollover(conn: asyncpg.Connection, settings: Settings) -> Rollover:
     """Second half: the bulk run (listener.bulk, batches of 10) resets the other 25."""
     bulk = await run_bulk_reset(settings, source="cli", batch_size=10)
@@ -104,6 +114,20 @@ async def read_back(conn: asyncpg.Connection, bulk: BulkResult) -> Rollover:
     )
     period = await conn.fetchval("SELECT token_reset_period_label(now())")
     return Rollover(period, {r["source"]: r["n"] for r in rows}, bulk, after)
+
+
+def mattermost_fails_first(times: int) -> Callable[[str], int | None]:
+    """A RecordingServer.status_for: the Slack-compatible destination answers 500 to its
+    first `times` requests (a transient outage), then as usual; the others as usual."""
+    failures_left = [times]
+
+    def status_for(path: str) -> int | None:
+        if path == MATTERMOST_PATH and failures_left[0] > 0:
+            failures_left[0] -= 1
+            return 500
+        return None
+
+    return status_for
 
 
 def accepted(received: list[Received], path: str) -> list[Any]:

@@ -7,6 +7,7 @@
   with async waits on its log events, /readyz and /metrics (read with
   tests/support/metrics.py); always stopped, and an orderly exit on SIGTERM is asserted.
 * `wait_until_ready` and `wait_for_log_event` are the waits for synchronous tests.
+* `run_to_end` and `run_ok` run a program to its end with its output captured.
 * The network fault (a proxy that goes silent) lives in tests/fault/proxy.py.
 """
 
@@ -50,6 +51,39 @@ def memory_kib(pid: int) -> tuple[int, int]:
         if key in ("VmRSS", "VmHWM"):
             fields[key] = int(value.split()[0])
     return fields["VmRSS"], fields["VmHWM"]
+
+
+def run_to_end(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a program to its end, stdout and stderr captured as text.  Never raises on a
+    non-zero exit: the test asserts on the code (run_ok when it must be 0)."""
+    return subprocess.run(
+        list(argv),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+    )
+
+
+def run_ok(
+    argv: Sequence[str],
+    *,
+    timeout: float,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """run_to_end, failing the test with the program's output unless it exits 0."""
+    done = run_to_end(argv, timeout=timeout, cwd=cwd, env=env)
+    assert done.returncode == 0, f"{argv} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done
 
 
 def require_binaries() -> None:

@@ -11,6 +11,7 @@ import asyncpg
 from listener.config import Settings
 from listener.metrics import Metrics
 from listener.service import Service
+from tests.support.env import listener_settings
 from tests.support.metrics import counted
 from tests.support.users import ledger_counts
 from tests.support.waiting import wait_until
@@ -32,6 +33,15 @@ async def running(settings: Settings, metrics: Metrics | None = None) -> AsyncIt
 async def ready(service: Service) -> None:
     """Wait until the service is connected, listening and caught up."""
     await wait_until(lambda: not service.state.not_ready(), what="service readiness")
+
+
+@asynccontextmanager
+async def ready_listener(database_url: str) -> AsyncIterator[Service]:
+    """The service with the tests' listener settings, running and ready (connected,
+    listening, caught up) before the block starts; stopped on exit."""
+    async with running(listener_settings(database_url)) as service:
+        await ready(service)
+        yield service
 
 
 async def wait_counts_match_ledger(
