@@ -27,11 +27,19 @@ from typing import Any
 
 import asyncpg
 
-from bench.common import base_parser, bench_server, default_output, machine, print_table, publish
+from bench.common import (
+    base_parser,
+    bench_server,
+    fresh_copy,
+    machine,
+    print_table,
+    publish,
+    rotated,
+    timed,
+)
 from bench.periodic_cost import median_seconds
 from listener.migrate import apply_migrations
 from listener.watchdog import fetch_snapshot
-from tests.support.database import unique_name
 
 NAME = "analytics_cost"
 FEATURES = 14
@@ -80,10 +88,10 @@ async def pick(conn: asyncpg.Connection, calls: int, users: int) -> None:
     )
 
 
-async def timed(conn: asyncpg.Connection, sql: str) -> float:
-    started = time.perf_counter()
-    await conn.execute(sql)
-    return time.perf_counter() - started
+async def seconds(conn: asyncpg.Connection, sql: str) -> float:
+    """Wall time of one statement."""
+    elapsed, _ = await timed(lambda: conn.execute(sql))
+    return elapsed
 
 
 async def load(conn: asyncpg.Connection, users: int) -> float:
@@ -124,20 +132,20 @@ async def hot_path(conn: asyncpg.Connection, calls: int, users: int) -> dict[str
         await swap.start()
         try:
             await conn.execute(PREVIOUS_COUNT_TRIGGER)
-            return await timed(conn, loop.replace("{statement}", DEDUCT))
+            return await seconds(conn, loop.replace("{statement}", DEDUCT))
         finally:
             await swap.rollback()
 
-    contenders = [
-        ("deduct_seconds", lambda: timed(conn, loop.replace("{statement}", DEDUCT))),
-        ("deduct_previous_trigger_seconds", previous_trigger),
-        ("bare_update_seconds", lambda: timed(conn, loop.replace("{statement}", BARE))),
-    ]
+    contenders = {
+        "deduct_seconds": lambda: seconds(conn, loop.replace("{statement}", DEDUCT)),
+        "deduct_previous_trigger_seconds": previous_trigger,
+        "bare_update_seconds": lambda: seconds(conn, loop.replace("{statement}", BARE)),
+    }
     # Best of ROUNDS, the order rotated each round: the one run first would otherwise
     # also pay for warming up.
     for round_ in range(ROUNDS):
-        for key, action in contenders[round_ % 3 :] + contenders[: round_ % 3]:
-            keep(key, await action())
+        for key in rotated(list(contenders), round_):
+            keep(key, await contenders[key]())
     return {key: value / calls for key, value in figures.items()}
 
 
@@ -151,7 +159,7 @@ async def measure(conn: asyncpg.Connection, users: int, runs: int, calls: int) -
         await conn.execute(
             LOOP.replace("{statement}", "PERFORM deduct_tokens(v_id, 1, 'feature-3')")
         )
-        fold_samples.append(await timed(conn, "SELECT token_reset_fold_deductions()"))
+        fold_samples.append(await seconds(conn, "SELECT token_reset_fold_deductions()"))
     fold_samples.sort()
     return {
         "users": users,
@@ -169,16 +177,8 @@ async def run(sizes: Sequence[int], runs: int, calls: int) -> dict[str, Any]:
     with bench_server() as server:
         settings = await server.describe()
         for users in sizes:
-            name = unique_name("bench_analytics")
-            url = await server.create_database(name)
-            try:
-                conn = await asyncpg.connect(url)
-                try:
-                    results.append(await measure(conn, users, runs, calls))
-                finally:
-                    await conn.close()
-            finally:
-                await server.drop_database(name)
+            async with fresh_copy(server, None, "bench_analytics") as copy:
+                results.append(await measure(copy.conn, users, runs, calls))
     return {"benchmark": NAME, "machine": machine(), "server": settings, "results": results}
 
 
@@ -214,7 +214,7 @@ def report(payload: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the analytics-cost benchmark; prints a table and writes the JSON results."""
-    parser = base_parser(__doc__.splitlines()[0] if __doc__ else NAME)
+    parser = base_parser(__doc__, NAME)
     parser.add_argument("--sizes", default=None, help="comma-separated users (default 100k,1M,10M)")
     args = parser.parse_args(argv)
     default = "2000,20000" if args.smoke else "100000,1000000,10000000"
@@ -224,9 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs = args.repetitions or (2 if args.smoke else 5)
     calls = 1_000 if args.smoke else 50_000
     payload = asyncio.run(run(sizes, runs, calls))
-    return publish(
-        payload, report, args.output or default_output(NAME, args.smoke), smoke=args.smoke
-    )
+    return publish(payload, report, NAME, args)
 
 
 if __name__ == "__main__":

@@ -78,3 +78,25 @@ def test_periodic_cost_smoke_reports_every_figure_per_size(tmp_path: Path) -> No
             "bulk_function_seconds",
         ):
             assert row[key] > 0, key
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_SECONDS + 10)
+def test_analytics_cost_smoke_reports_the_fold_the_baseline_and_the_hot_path(
+    tmp_path: Path,
+) -> None:
+    """The usage-analytics smoke run times the fold, the check, the bare ledger sum and
+    deduct_tokens with this release's and the previous release's count trigger."""
+    result = run_smoke("analytics_cost", tmp_path / "analytics_cost.json")
+    assert result["smoke"] is True
+    assert [r["users"] for r in result["results"]] == [2_000, 20_000]
+    for row in result["results"]:
+        assert row["ledger_rows"] == 2 * row["users"]
+        for key in (
+            "fold_after_batch_seconds",
+            "watchdog_check_seconds",
+            "bare_ledger_sum_seconds",
+            "deduct_seconds",
+            "deduct_previous_trigger_seconds",
+            "bare_update_seconds",
+        ):
+            assert row[key] > 0, key
