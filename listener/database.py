@@ -78,3 +78,35 @@ def where(settings: Settings) -> str:
     host = os.environ.get("PGHOST", "").strip()
     port = os.environ.get("PGPORT", "").strip() or str(DEFAULT_PORT)
     return f"{host}:{port}" if host else "the default PostgreSQL server (PGHOST unset)"
+
+
+class KeptConnection:
+    """A periodic task's own connection: opened when needed, kept between checks, and
+    dropped on any trouble so the next check starts on a fresh one.
+
+    Dropped with terminate(), never close(): a dead socket can make close() hang.
+    """
+
+    def __init__(self, settings: Settings, role: str, *, timeout_seconds: float) -> None:
+        self.settings = settings
+        self.role = role
+        # Both the connect timeout and every statement's.
+        self.timeout_seconds = timeout_seconds
+        self._conn: asyncpg.Connection | None = None
+
+    async def get(self) -> asyncpg.Connection:
+        """The kept connection, opened first if there is none (or it was closed)."""
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await connect(
+                self.settings,
+                role=self.role,
+                timeout=self.timeout_seconds,
+                command_timeout=self.timeout_seconds,
+            )
+        return self._conn
+
+    def drop(self) -> None:
+        """Forget the connection (the next `get` opens another)."""
+        if self._conn is not None:
+            self._conn.terminate()
+            self._conn = None

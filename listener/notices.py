@@ -42,7 +42,7 @@ import structlog
 
 from listener.clock import Clock, iso, utc_now
 from listener.config import Settings
-from listener.database import connect
+from listener.database import KeptConnection
 from listener.destinations import (
     SEND_TIMEOUT_SECONDS,
     Destination,
@@ -52,6 +52,7 @@ from listener.destinations import (
     send,
 )
 from listener.metrics import Metrics
+from listener.periodic import every
 from listener.sql import query
 
 Kind = Literal["complete", "overdue"]
@@ -245,12 +246,15 @@ class Notifier:
     lease_seconds: float = LEASE_SECONDS
     rng: random.Random = field(default_factory=random.Random)
     checks: int = 0
-    _conn: asyncpg.Connection | None = None
     _db_available: bool = True
+    _connection: KeptConnection = field(init=False)
 
     def __post_init__(self) -> None:
         if self.destinations is None:
             self.destinations = load_destinations(self.settings.notice_urls)
+        self._connection = KeptConnection(
+            self.settings, "notices", timeout_seconds=DB_TIMEOUT_SECONDS
+        )
 
     @property
     def claimer(self) -> str:
@@ -265,20 +269,20 @@ class Notifier:
             interval_seconds=self.settings.watchdog_interval_seconds,
         )
         try:
-            while True:
-                started = anyio.current_time()
-                await self.check_once()
-                self.checks += 1
-                await anyio.sleep_until(started + self.settings.watchdog_interval_seconds)
+            await every(self.settings.watchdog_interval_seconds, self._counted_check)
         finally:
-            self._drop_connection()
+            self._connection.drop()
+
+    async def _counted_check(self) -> None:
+        await self.check_once()
+        self.checks += 1
 
     async def check_once(self) -> None:
         """One check; database trouble is logged once and retried at the next check."""
         try:
             await self._check()
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self._drop_connection()
+            self._connection.drop()
             if self._db_available:
                 self._db_available = False
                 log.warning("notices_db_unavailable", error=type(exc).__name__)
@@ -291,7 +295,7 @@ class Notifier:
         destinations = self.destinations or ()
         if not destinations:
             return
-        conn = await self._connection()
+        conn = await self._connection.get()
         digests = [d.digest for d in destinations]
         state = await conn.fetchrow(query("notice_state"), digests, timeout=DB_TIMEOUT_SECONDS)
         if state is None:
@@ -363,22 +367,6 @@ class Notifier:
             reason=result.reason,
             retry_in_seconds=round(delay, 1),
         )
-
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(
-                self.settings,
-                role="notices",
-                timeout=DB_TIMEOUT_SECONDS,
-                command_timeout=DB_TIMEOUT_SECONDS,
-            )
-        return self._conn
-
-    def _drop_connection(self) -> None:
-        # terminate(), never close(): a dead socket can make close() hang.
-        if self._conn is not None:
-            self._conn.terminate()
-            self._conn = None
 
 
 SAMPLE = Facts(

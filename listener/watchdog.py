@@ -22,8 +22,9 @@ from listener.alertmanager import AlertmanagerPusher
 from listener.assessment import Assessment, Snapshot, assess
 from listener.clock import Clock, iso, utc_now
 from listener.config import Settings
-from listener.database import connect
+from listener.database import KeptConnection
 from listener.metrics import Metrics
+from listener.periodic import every
 from listener.sql import query
 
 log = structlog.get_logger(__name__)
@@ -133,7 +134,7 @@ class Watchdog:
         if pusher is None and settings.alertmanager_url:
             pusher = AlertmanagerPusher(settings.alertmanager_url)
         self.pusher = pusher
-        self._conn: asyncpg.Connection | None = None
+        self._connection = KeptConnection(settings, "watchdog", timeout_seconds=DB_TIMEOUT_SECONDS)
 
     async def run(self) -> None:
         """Runs until cancelled; the Alertmanager pusher (if any) is its own task."""
@@ -156,13 +157,13 @@ class Watchdog:
             alertmanager_push=self.pusher is not None,
         )
         try:
-            while True:
-                started = anyio.current_time()
-                await self.check_once()
-                self.checks += 1
-                await anyio.sleep_until(started + self.settings.watchdog_interval_seconds)
+            await every(self.settings.watchdog_interval_seconds, self._counted_check)
         finally:
-            self._drop_connection()
+            self._connection.drop()
+
+    async def _counted_check(self) -> None:
+        await self.check_once()
+        self.checks += 1
 
     async def check_once(self) -> Assessment | None:
         """One check; None when the database could not be read (last values are kept)."""
@@ -171,7 +172,7 @@ class Watchdog:
         # Why so broad: whatever goes wrong talking to the database (refused, reset,
         # timed out, not migrated) must not crash the listener's task group.
         except Exception as exc:
-            self._drop_connection()
+            self._connection.drop()
             if self.db_available:
                 self.db_available = False
                 log.warning(
@@ -208,15 +209,10 @@ class Watchdog:
             )
 
     async def _snapshot(self) -> Snapshot:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await connect(
-                self.settings,
-                role="watchdog",
-                command_timeout=DB_TIMEOUT_SECONDS,
-            )
+        conn = await self._connection.get()
         with anyio.fail_after(DB_TIMEOUT_SECONDS * 2):
             snapshot, led = await shared_or_own_snapshot(
-                self._conn, self.settings.listener_name, self.settings.watchdog_interval_seconds
+                conn, self.settings.listener_name, self.settings.watchdog_interval_seconds
             )
         self.led_checks += int(led)
         return snapshot
@@ -234,13 +230,7 @@ class Watchdog:
 
     def close(self) -> None:
         """Drop the database connection (run() does this itself when cancelled)."""
-        self._drop_connection()
-
-    def _drop_connection(self) -> None:
-        # terminate(), never close(): a dead socket can make close() hang.
-        if self._conn is not None:
-            self._conn.terminate()
-            self._conn = None
+        self._connection.drop()
 
 
 async def run_watchdog(settings: Settings, metrics: Metrics, *, clock: Clock = utc_now) -> None:
