@@ -52,7 +52,7 @@ from listener.destinations import (
     send,
 )
 from listener.metrics import Metrics
-from listener.periodic import every
+from listener.periodic import CheckLoop
 from listener.sql import query
 
 Kind = Literal["complete", "overdue"]
@@ -245,9 +245,9 @@ class Notifier:
     destinations: tuple[Destination, ...] | None = None
     lease_seconds: float = LEASE_SECONDS
     rng: random.Random = field(default_factory=random.Random)
-    checks: int = 0
     _db_available: bool = True
     _connection: KeptConnection = field(init=False)
+    _loop: CheckLoop = field(init=False)
 
     def __post_init__(self) -> None:
         if self.destinations is None:
@@ -255,6 +255,7 @@ class Notifier:
         self._connection = KeptConnection(
             self.settings, "notices", timeout_seconds=DB_TIMEOUT_SECONDS
         )
+        self._loop = CheckLoop(self.settings.watchdog_interval_seconds, self._connection)
 
     @property
     def claimer(self) -> str:
@@ -268,14 +269,12 @@ class Notifier:
             destinations=[d.label for d in self.destinations or ()],
             interval_seconds=self.settings.watchdog_interval_seconds,
         )
-        try:
-            await every(self.settings.watchdog_interval_seconds, self._counted_check)
-        finally:
-            self._connection.drop()
+        await self._loop.run(self.check_once)
 
-    async def _counted_check(self) -> None:
-        await self.check_once()
-        self.checks += 1
+    @property
+    def checks(self) -> int:
+        """Checks completed by the loop (tests wait on it)."""
+        return self._loop.count
 
     async def check_once(self) -> None:
         """One check; database trouble is logged once and retried at the next check."""

@@ -3,7 +3,7 @@
 Start to start, not end to start: a check that takes a second does not push every later
 one back by a second, and a check longer than the interval is followed at once by the
 next.  Cancellation (shutdown, the supervisor's restart) ends it between or inside a
-check; the caller's `finally` drops what the check held.
+check, and the check's kept connection is dropped on the way out.
 """
 
 from __future__ import annotations
@@ -12,10 +12,25 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from listener.database import KeptConnection
 
-async def every(interval_seconds: float, check: Callable[[], Awaitable[object]]) -> None:
-    """Run `check` every `interval_seconds`, until cancelled."""
-    while True:
-        started = anyio.current_time()
-        await check()
-        await anyio.sleep_until(started + interval_seconds)
+
+class CheckLoop:
+    """Runs one check every interval on its kept connection; counts the checks done
+    (tests wait on the count instead of sleeping)."""
+
+    def __init__(self, interval_seconds: float, connection: KeptConnection) -> None:
+        self.interval_seconds = interval_seconds
+        self.connection = connection
+        self.count = 0
+
+    async def run(self, check: Callable[[], Awaitable[object]]) -> None:
+        """Until cancelled."""
+        try:
+            while True:
+                started = anyio.current_time()
+                await check()
+                self.count += 1
+                await anyio.sleep_until(started + self.interval_seconds)
+        finally:
+            self.connection.drop()

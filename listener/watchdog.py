@@ -24,7 +24,7 @@ from listener.clock import Clock, iso, utc_now
 from listener.config import Settings
 from listener.database import KeptConnection
 from listener.metrics import Metrics
-from listener.periodic import every
+from listener.periodic import CheckLoop
 from listener.sql import query
 
 log = structlog.get_logger(__name__)
@@ -129,12 +129,12 @@ class Watchdog:
         self.tracker = AlertTracker()
         self.last: Assessment | None = None
         self.db_available = True
-        self.checks = 0  # completed checks, readable or not (tests wait on it)
         self.led_checks = 0  # checks this replica ran itself, as the lease holder
         if pusher is None and settings.alertmanager_url:
             pusher = AlertmanagerPusher(settings.alertmanager_url)
         self.pusher = pusher
         self._connection = KeptConnection(settings, "watchdog", timeout_seconds=DB_TIMEOUT_SECONDS)
+        self._loop = CheckLoop(settings.watchdog_interval_seconds, self._connection)
 
     async def run(self) -> None:
         """Runs until cancelled; the Alertmanager pusher (if any) is its own task."""
@@ -156,14 +156,12 @@ class Watchdog:
             grace_seconds=self.settings.reset_grace_seconds,
             alertmanager_push=self.pusher is not None,
         )
-        try:
-            await every(self.settings.watchdog_interval_seconds, self._counted_check)
-        finally:
-            self._connection.drop()
+        await self._loop.run(self.check_once)
 
-    async def _counted_check(self) -> None:
-        await self.check_once()
-        self.checks += 1
+    @property
+    def checks(self) -> int:
+        """Checks completed by the loop (tests wait on it)."""
+        return self._loop.count
 
     async def check_once(self) -> Assessment | None:
         """One check; None when the database could not be read (last values are kept)."""
