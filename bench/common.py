@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import asyncpg
 
@@ -411,6 +411,37 @@ def base_parser(doc: str | None, name: str) -> argparse.ArgumentParser:
         "--output", type=Path, default=None, help="results JSON (default bench/results/)"
     )
     return parser
+
+
+USER_SIZES: Final = (100_000, 1_000_000, 10_000_000)
+SMOKE_USER_SIZES: Final = (2_000, 20_000)
+
+
+def add_sizes_option(parser: argparse.ArgumentParser) -> None:
+    """--sizes: the user counts of the benchmarks measured per size."""
+    parser.add_argument(
+        "--sizes",
+        type=_sizes,
+        default=None,
+        help="comma-separated user counts (default 100k,1M,10M; with --smoke 2k,20k)",
+    )
+
+
+def chosen_sizes(args: argparse.Namespace) -> list[int]:
+    """The --sizes given, else the defaults for a full or a smoke run."""
+    if args.sizes is not None:
+        return list(args.sizes)
+    return list(SMOKE_USER_SIZES if args.smoke else USER_SIZES)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(size) for size in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not comma-separated whole numbers: {text!r}") from None
+    if any(size <= 0 for size in sizes):
+        raise argparse.ArgumentTypeError("sizes must be positive")
+    return sizes
 
 
 def add_patch_option(parser: argparse.ArgumentParser) -> None:

@@ -25,8 +25,10 @@ from typing import Any
 import asyncpg
 
 from bench.common import (
+    add_sizes_option,
     base_parser,
     bench_server,
+    chosen_sizes,
     fresh_copy,
     machine,
     print_table,
@@ -114,12 +116,9 @@ def report(payload: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the periodic-cost benchmark; prints a table and writes the JSON results."""
     parser = base_parser(__doc__, NAME)
-    parser.add_argument("--sizes", default=None, help="comma-separated users (default 100k,1M,10M)")
+    add_sizes_option(parser)
     args = parser.parse_args(argv)
-    default = "2000,20000" if args.smoke else "100000,1000000,10000000"
-    sizes = [int(size) for size in (args.sizes or default).split(",")]
-    if any(size <= 0 for size in sizes):
-        parser.error("sizes must be positive")
+    sizes = chosen_sizes(args)
     runs = args.repetitions or (2 if args.smoke else 5)
     payload = asyncio.run(run(sizes, runs))
     return publish(payload, report, NAME, args)

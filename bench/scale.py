@@ -38,8 +38,10 @@ from typing import Any
 from bench import scale_bulk, scale_data, scale_writes
 from bench.common import (
     BenchServer,
+    add_sizes_option,
     base_parser,
     bench_server,
+    chosen_sizes,
     machine,
     machine_since,
     output_path,
@@ -54,8 +56,6 @@ from bench.plot_scale import draw
 from bench.write_path import write_scripts
 
 NAME = "scale"
-DEFAULT_SIZES = (100_000, 1_000_000, 10_000_000)
-SMOKE_SIZES = (2_000, 20_000)
 TARGETS = {
     "deduct_over_bare_min": scale_writes.TARGET_DEDUCT_OVER_BARE,
     "trigger_overhead_max": scale_writes.TARGET_TRIGGER_OVERHEAD,
@@ -370,7 +370,7 @@ def report(payload: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the scale benchmark; prints tables, writes the JSON and the plot."""
     parser = base_parser(__doc__, NAME)
-    parser.add_argument("--sizes", default=None, help="comma-separated user counts")
+    add_sizes_option(parser)
     parser.add_argument("--ledger-per-user", type=int, default=10, help="deductions per user")
     parser.add_argument("--batch-size", type=int, default=None, help="runner batch (10,000)")
     parser.add_argument("--seconds", type=int, default=None, help="pgbench -T (default 10)")
@@ -392,8 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--patch", type=Path, default=None, help="SQL applied after migrating")
     args = parser.parse_args(argv)
-    sizes = args.sizes or ",".join(map(str, SMOKE_SIZES if args.smoke else DEFAULT_SIZES))
-    args.sizes = [int(s) for s in sizes.split(",") if s.strip()]
+    args.sizes = chosen_sizes(args)
     args.repetitions = args.repetitions or (1 if args.smoke else 3)
     args.batch_size = args.batch_size or (2_000 if args.smoke else 10_000)
     args.seconds = args.seconds or (1 if args.smoke else 10)
