@@ -283,4 +283,15 @@ INSERT INTO public.token_reset_declared_privileges (grantee, kind, object, privi
 
 SELECT public.token_reset_apply_privileges();
 
-SELECT public.token_reset_recount_usage();
+-- The two new counts as they stand.  DROP TRIGGER above holds user_tokens' lock until
+-- this migration commits, so no write falls between this scan and the new trigger;
+-- the writes wait for one scan of user_tokens (not a full recount, which would also
+-- read every reset row of the ledger).
+INSERT INTO public.token_reset_usage_deltas (period, near_limit_users, at_limit_users)
+SELECT public.token_reset_period_label(last_monthly_reset),
+       count(*) FILTER (WHERE public.token_reset_limit_reached(
+                            monthly_tokens_used, monthly_token_limit, 80)),
+       count(*) FILTER (WHERE public.token_reset_limit_reached(
+                            monthly_tokens_used, monthly_token_limit, 100))
+  FROM public.user_tokens
+ GROUP BY 1;

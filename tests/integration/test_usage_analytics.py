@@ -18,12 +18,13 @@ import pytest
 
 from listener.commands.status import gather_status
 from listener.metrics import Metrics
+from listener.migrate import apply_migrations
 from listener.watchdog import Watchdog
 from tests.integration.role_support import login_role
 from tests.integration.test_ledger_model import COUNTER_DRIFT
 from tests.support.env import settings_for
 from tests.support.metrics import sample
-from tests.support.users import LAST_MONTH_28TH, add_stale_users
+from tests.support.users import LAST_MONTH_28TH, add_stale_users, add_user
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -420,3 +421,29 @@ async def test_the_recount_gives_up_on_a_writer_that_stays_open_and_names_it(
             await holder.close()
     # Nothing lost: the failed recount changed nothing.
     assert await conn.fetch("SELECT * FROM token_reset_deduction_totals ORDER BY 1, 2") == before
+
+
+async def test_upgrading_a_busy_database_starts_the_analytics_from_its_data(
+    empty_database_url: str,
+) -> None:
+    """0010 and 0011 on a database with users and deductions already: the totals and the
+    near/at counts start equal to SQL over the data, not at zero."""
+    conn = await asyncpg.connect(empty_database_url)
+    try:
+        await apply_migrations(conn, target=9)
+        for used in (9, 10, 3):  # of a limit of 10: 80 % and 100 % are 2 and 1 users
+            user = await add_user(conn, limit=10)
+            await conn.fetchval("SELECT deduct_tokens($1, $2, 'chat')", user, used)
+        await add_user(conn, used=9, limit=10, stale=True)  # last period's: near no limit now
+        await apply_migrations(conn)
+        assert await conn.fetch(COUNTER_DRIFT) == []
+        assert dict(
+            await conn.fetch("SELECT feature, tokens FROM token_reset_deduction_totals")
+        ) == {"chat": 22}
+        current = await conn.fetchrow(
+            "SELECT near_limit_users, at_limit_users FROM token_reset_usage"
+            " WHERE period = token_reset_period_label(now())"
+        )
+        assert tuple(current) == (2, 1)
+    finally:
+        await conn.close()
