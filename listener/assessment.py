@@ -42,7 +42,8 @@ class Snapshot:
     near_limit_users: int = 0
     at_limit_users: int = 0
     tokens_by_feature: tuple[tuple[str, int], ...] = ()
-    refused_deductions: int = 0
+    # None when unknown (a snapshot shared by a replica of the release before).
+    refused_deductions: int | None = None
 
     def to_json(self) -> str:
         """The snapshot as the lease holder shares it with the other replicas."""
@@ -87,8 +88,12 @@ class Snapshot:
             near_limit_users=int(row.get("near_limit_users") or 0),
             at_limit_users=int(row.get("at_limit_users") or 0),
             tokens_by_feature=_feature_pairs(row.get("tokens_by_feature")),
-            refused_deductions=int(row.get("refused_deductions") or 0),
+            refused_deductions=_optional_int(row.get("refused_deductions")),
         )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _feature_pairs(value: str | list[list[Any]] | None) -> tuple[tuple[str, int], ...]:

@@ -81,7 +81,9 @@ class DatabaseCounter(Collector):
     def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
         self.name = name
         self.documentation = documentation
-        self.value = 0.0
+        # None until the database was read: a 0 after each restart would make
+        # increase() count every refusal since the install again.
+        self.value: float | None = None
         registry.register(self)
 
     def set(self, value: float) -> None:
@@ -89,7 +91,10 @@ class DatabaseCounter(Collector):
         self.value = value
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(self.name, self.documentation, value=self.value)
+        family = CounterMetricFamily(self.name, self.documentation)
+        if self.value is not None:
+            family.add_metric([], self.value)
+        yield family
 
     def describe(self) -> Iterator[Metric]:
         return self.collect()
@@ -257,7 +262,8 @@ class Metrics:
         self.period_active_users.set(snapshot.active_users)
         self.users_near_limit.labels(threshold="0.8").set(snapshot.near_limit_users)
         self.users_near_limit.labels(threshold="1").set(snapshot.at_limit_users)
-        self.deductions_refused.set(snapshot.refused_deductions)
+        if snapshot.refused_deductions is not None:
+            self.deductions_refused.set(snapshot.refused_deductions)
         self.period_tokens_deducted.clear()
         self.period_tokens_deducted.labels(feature=OTHER_FEATURES)
         for feature, tokens in snapshot.tokens_by_feature:

@@ -49,21 +49,28 @@ INSERT INTO public.token_reset_deduction_cursor (last_id) VALUES (0);
 -- that period and later count, and only the partitions they can be in are read (a
 -- deduction's row is in its own period's partition or, for a transaction that began
 -- before the boundary, the one before).  Returns the deductions added.
+-- No ledger row can make it fail: a feature is kept to its first 200 characters (the
+-- totals' index could not hold a longer one, and the application writes features), a
+-- metadata period that is not a 'YYYY-MM' label gives way to the row's partition.
 CREATE FUNCTION public.token_reset_add_deductions(
     p_after bigint, p_upto bigint, p_since text DEFAULT NULL) RETURNS bigint
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$
-WITH found AS (
-    SELECT coalesce(t.metadata ->> 'period', t.period) AS period,
-           coalesce(t.feature, '(none)') AS feature, sum(t.amount) AS tokens,
-           count(*) AS deductions
+WITH rows AS (
+    SELECT CASE WHEN t.metadata ->> 'period' ~ '^[0-9]{4}-(0[1-9]|1[0-2])$'
+                THEN t.metadata ->> 'period' ELSE t.period END AS period,
+           left(coalesce(t.feature, '(none)'), 200) AS feature,
+           t.amount
       FROM public.token_transactions t
      WHERE t.id > p_after AND t.id <= p_upto AND t.operation = 'deduct'
        AND t.period >= coalesce(to_char(to_date(p_since || '-01', 'YYYY-MM-DD')
                                         - interval '1 month', 'YYYY-MM'), '')
+), found AS (
+    SELECT period, feature, sum(amount) AS tokens, count(*) AS deductions
+      FROM rows
+     WHERE period >= coalesce(p_since, '')
      GROUP BY 1, 2
-    HAVING coalesce(t.metadata ->> 'period', t.period) >= coalesce(p_since, '')
 ), added AS (
     INSERT INTO public.token_reset_deduction_totals AS d (period, feature, tokens, deductions)
     SELECT period, feature, tokens, deductions FROM found
@@ -75,13 +82,14 @@ $$;
 
 -- The fold the watchdog runs before it reads (the listener role's).  Returns the
 -- deductions folded.  At most p_max_ids ids a call, so a backlog after an outage is
--- bounded work per check.
+-- bounded work per check; a fold waits at most 2 s for the cursor (a recount holds it).
 CREATE FUNCTION public.token_reset_fold_deductions(p_max_ids bigint DEFAULT 5000000)
 RETURNS bigint
     LANGUAGE plpgsql
     VOLATILE
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
+    SET lock_timeout = '2s'
 AS $$
 DECLARE
     c public.token_reset_deduction_cursor%ROWTYPE;
@@ -103,6 +111,12 @@ BEGIN
     END IF;
     SELECT * INTO STRICT c FROM public.token_reset_deduction_cursor FOR UPDATE;
     SELECT * INTO STRICT h FROM public.token_reset_listener_horizon(c.pending_writers);
+    IF h.allocated < c.last_id THEN
+        RAISE EXCEPTION 'the ledger''s ids went back (% handed out, % already folded): restored '
+                        'from a backup? the owner runs SELECT token_reset_recount_deductions()',
+                h.allocated, c.last_id
+            USING ERRCODE = 'data_corrupted';
+    END IF;
     v_settled := c.last_id;
     IF c.pending_id IS NOT NULL AND NOT h.waiting THEN
         v_settled := greatest(v_settled, c.pending_id);
@@ -117,7 +131,16 @@ BEGIN
         c.pending_id := h.allocated;
         c.pending_writers := h.writers;
     END IF;
-    v_target := least(v_settled, c.last_id + p_max_ids);
+    IF v_settled - c.last_id > p_max_ids THEN
+        v_target := c.last_id + p_max_ids;
+        IF c.pending_id IS NULL THEN
+            -- Settled already: the next fold goes on without waiting for anyone.
+            c.pending_id := v_settled;
+            c.pending_writers := '{}';
+        END IF;
+    ELSE
+        v_target := v_settled;
+    END IF;
     IF v_target > c.last_id THEN
         v_folded := public.token_reset_add_deductions(c.last_id, v_target);
     END IF;
@@ -143,6 +166,7 @@ DECLARE
     h record;
     v_waiting boolean;
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => p_wait_seconds);
+    v_since text;
 BEGIN
     IF current_setting('transaction_isolation') <> 'read committed' THEN
         RAISE EXCEPTION 'token_reset_recount_deductions() runs in READ COMMITTED, not %',
@@ -167,11 +191,11 @@ BEGIN
         PERFORM pg_sleep(0.01);
         SELECT w.waiting INTO v_waiting FROM public.token_reset_listener_horizon(h.writers) w;
     END LOOP;
-    DELETE FROM public.token_reset_deduction_totals;
-    PERFORM public.token_reset_add_deductions(
-        0, h.allocated,
-        to_char(to_date(public.token_reset_period_label(now()) || '-01', 'YYYY-MM-DD')
-                - make_interval(months => p_periods - 1), 'YYYY-MM'));
+    v_since := to_char(to_date(public.token_reset_period_label(now()) || '-01', 'YYYY-MM-DD')
+                       - make_interval(months => p_periods - 1), 'YYYY-MM');
+    -- Earlier periods keep the totals they have (their ledger may be gone already).
+    DELETE FROM public.token_reset_deduction_totals WHERE period >= v_since;
+    PERFORM public.token_reset_add_deductions(0, h.allocated, v_since);
     UPDATE public.token_reset_deduction_cursor
        SET last_id = h.allocated, pending_id = NULL, pending_writers = '{}', updated_at = now();
     RETURN h.allocated;

@@ -13,8 +13,9 @@ SELECT public.token_reset_compact_counters()
 
 -- name: watchdog_fold_deductions
 -- Adds the deductions written since the last fold to the per-period, per-feature
--- totals (0010): its cost is the deductions since the last check, not the ledger.
-SELECT public.token_reset_fold_deductions()
+-- totals (0010), at most $1 ledger ids: its cost is the deductions since the last
+-- check, not the ledger.  Runs in a READ COMMITTED transaction of its own.
+SELECT public.token_reset_fold_deductions($1)
 
 -- name: watchdog_snapshot
 -- Everything the watchdog judges, in one statement (one snapshot, one round trip).

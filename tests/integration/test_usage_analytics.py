@@ -447,3 +447,95 @@ async def test_upgrading_a_busy_database_starts_the_analytics_from_its_data(
         assert tuple(current) == (2, 1)
     finally:
         await conn.close()
+
+
+async def test_a_deduction_the_totals_cannot_hold_never_stops_the_watchdog(
+    conn: asyncpg.Connection, app: asyncpg.Connection, listener_url: str
+) -> None:
+    """Found by a hostile review: the application could write a feature name too long
+    for the totals' index (or the owner a ledger row with a malformed period label),
+    and every later fold, and with it every watchdog check, failed: the missed-reset
+    alert went deaf.  The fold now stores such rows under a bounded name and the row's
+    own partition, and a fold that fails anyway never stops the check."""
+    await add_stale_users(conn, 3, used=5)
+    user = uuid.uuid4()
+    await app.execute("INSERT INTO user_tokens (user_id) VALUES ($1)", user)
+    long_feature = "f" * 5000
+    await app.fetchval("SELECT deduct_tokens($1, 4, $2)", user, long_feature)
+    await conn.execute(
+        "INSERT INTO token_transactions (user_id, operation, feature, amount, metadata)"
+        " VALUES ($1, 'deduct', 'odd', 2, '{\"period\": \"2026-11-01\"}')",
+        user,
+    )
+    watchdog = Watchdog(settings_for(listener_url), Metrics.fresh())
+    try:
+        assessment = await watchdog.check_once()
+    finally:
+        watchdog.close()
+    assert assessment is not None, "the check must still read the facts"
+    assert sample(watchdog.metrics, "token_reset_stale_users") == 3
+    exported = exported_tokens(watchdog.metrics)
+    assert exported[long_feature[:200]] == 4
+    assert exported["odd"] == 2
+
+
+async def test_a_fold_that_fails_leaves_the_check_working(
+    conn: asyncpg.Connection, app: asyncpg.Connection, listener_url: str
+) -> None:
+    """Whatever makes the fold fail (here: the ledger's ids went back behind the cursor,
+    as after a restore), the missed-reset check still runs and says what is wrong."""
+    await add_stale_users(conn, 2, used=5)
+    await conn.execute("UPDATE token_reset_deduction_cursor SET last_id = 1000000")
+    watchdog = Watchdog(settings_for(listener_url), Metrics.fresh())
+    try:
+        assert await watchdog.check_once() is not None
+    finally:
+        watchdog.close()
+    assert sample(watchdog.metrics, "token_reset_stale_users") == 2
+    listener = await asyncpg.connect(listener_url)
+    try:
+        with pytest.raises(asyncpg.PostgresError, match="recount"):
+            await listener.fetchval("SELECT token_reset_fold_deductions()")
+    finally:
+        await listener.close()
+
+
+async def test_the_watchdog_folds_under_a_serializable_default(
+    conn: asyncpg.Connection, app: asyncpg.Connection, listener_url: str
+) -> None:
+    """README supports default_transaction_isolation = serializable; the fold needs READ
+    COMMITTED, so the watchdog asks for it instead of failing every check."""
+    role = listener_url.split("://")[1].split("@", maxsplit=1)[0]
+    await conn.execute(f'ALTER ROLE "{role}" SET default_transaction_isolation = serializable')
+    user = uuid.uuid4()
+    await app.execute("INSERT INTO user_tokens (user_id) VALUES ($1)", user)
+    await app.fetchval("SELECT deduct_tokens($1, 4, 'chat')", user)
+    assert exported_tokens(await check(listener_url)) == {"chat": 4, "other": 0}
+
+
+def test_the_refused_counter_is_absent_until_the_database_was_read() -> None:
+    """A counter that read 0 after each restart would make increase() report every refusal
+    since the install again (found by a hostile review)."""
+    metrics = Metrics.fresh()
+    assert sample(metrics, "token_reset_deductions_refused_total") is None
+    metrics.deductions_refused.set(7)
+    assert sample(metrics, "token_reset_deductions_refused_total") == 7
+
+
+async def test_at_the_boundary_a_deduction_counts_in_the_period_its_row_names(
+    conn: asyncpg.Connection, app: asyncpg.Connection, listener_url: str
+) -> None:
+    """A transaction begun before midnight that writes after the new month's reset files
+    its row in the old period's partition, labelled with the new period: it counts now.
+    Last period's deductions alone leave this period at zero ("other" 0)."""
+    user = uuid.uuid4()
+    await app.execute("INSERT INTO user_tokens (user_id) VALUES ($1)", user)
+    last = f"token_reset_period_label({LAST_MONTH_28TH})"
+    await conn.execute(
+        "INSERT INTO token_transactions (user_id, operation, feature, amount, metadata, period)"
+        f" VALUES ($1, 'deduct', 'late', 5, jsonb_build_object('period', {last}), {last}),"
+        f" ($1, 'deduct', 'early', 3,"
+        f"  jsonb_build_object('period', token_reset_period_label(now())), {last})",
+        user,
+    )
+    assert exported_tokens(await check(listener_url)) == {"early": 3, "other": 0}
