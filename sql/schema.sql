@@ -278,6 +278,7 @@ BEGIN
         RAISE EXCEPTION 'user id must not be null' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     v_amount := public.token_reset_checked_amount(p_amount, false);
+    PERFORM set_config('token_reset.counting', 'self', true);
     -- Fast path: one statement takes the row lock, checks period and room, and adds.
     -- Written as limit - used so no sum can overflow integer.
     UPDATE public.user_tokens
@@ -306,10 +307,28 @@ BEGIN
                           'requested', v_amount,
                           'resets_at', public.token_reset_next_period_start())::text;
         END IF;
+        PERFORM set_config('token_reset.counting', 'self', true);  -- the reset cleared it
         UPDATE public.user_tokens
            SET monthly_tokens_used = monthly_tokens_used + v_amount, updated_at = now()
          WHERE user_id = p_user_id
         RETURNING monthly_tokens_used, monthly_token_limit, last_monthly_reset INTO v_used, v_limit, v_reset_at;
+    END IF;
+    PERFORM set_config('token_reset.counting', '', true);
+    IF v_used = v_amount
+       OR public.token_reset_limit_reached(v_used, v_limit, 80)
+          <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
+       OR public.token_reset_limit_reached(v_used, v_limit, 100)
+          <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 100) THEN
+        INSERT INTO public.token_reset_usage_deltas
+               (period, active_users, near_limit_users, at_limit_users)
+        VALUES (public.token_reset_period_label(v_reset_at),
+                CASE WHEN v_used = v_amount THEN 1 ELSE 0 END,
+                CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 80)
+                      AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
+                     THEN 1 ELSE 0 END,
+                CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 100)
+                      AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 100)
+                     THEN 1 ELSE 0 END);
     END IF;
     -- The period the usage belongs to: a transaction that began before midnight and
     -- writes to a row another transaction already reset counts in the new period.
@@ -990,6 +1009,17 @@ CREATE OR REPLACE FUNCTION public.token_reset_count_usage()
  SET search_path TO 'pg_catalog', 'pg_temp'
 AS $function$
 BEGIN
+    IF TG_OP = 'UPDATE'
+       AND public.token_reset_period_label(OLD.last_monthly_reset)
+           = public.token_reset_period_label(NEW.last_monthly_reset)
+       AND (OLD.monthly_tokens_used > 0) = (NEW.monthly_tokens_used > 0)
+       AND public.token_reset_limit_reached(OLD.monthly_tokens_used, OLD.monthly_token_limit, 80)
+           = public.token_reset_limit_reached(NEW.monthly_tokens_used, NEW.monthly_token_limit, 80)
+       AND public.token_reset_limit_reached(OLD.monthly_tokens_used, OLD.monthly_token_limit, 100)
+           = public.token_reset_limit_reached(NEW.monthly_tokens_used, NEW.monthly_token_limit, 100)
+    THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         INSERT INTO public.token_reset_usage_deltas
                (period, users, active_users, near_limit_users, at_limit_users)
@@ -1462,7 +1492,7 @@ CREATE TRIGGER token_transactions_no_truncate BEFORE TRUNCATE ON token_transacti
 CREATE TRIGGER token_transactions_notify_resets AFTER INSERT ON token_transactions FOR EACH ROW WHEN (new.operation = 'reset'::text AND (new.metadata ->> 'source'::text) <> 'bulk'::text) EXECUTE FUNCTION token_reset_notify_single();
 CREATE TRIGGER user_tokens_count_delete AFTER DELETE ON user_tokens FOR EACH ROW EXECUTE FUNCTION token_reset_count_usage();
 CREATE TRIGGER user_tokens_count_insert AFTER INSERT ON user_tokens FOR EACH ROW EXECUTE FUNCTION token_reset_count_usage();
-CREATE TRIGGER user_tokens_count_update AFTER UPDATE ON user_tokens FOR EACH ROW WHEN (((old.monthly_tokens_used > 0) <> (new.monthly_tokens_used > 0) OR old.last_monthly_reset <> new.last_monthly_reset OR ((old.monthly_tokens_used::bigint * 5) >= (old.monthly_token_limit::bigint * 4)) <> ((new.monthly_tokens_used::bigint * 5) >= (new.monthly_token_limit::bigint * 4)) OR (old.monthly_tokens_used >= old.monthly_token_limit) <> (new.monthly_tokens_used >= new.monthly_token_limit)) AND current_setting('token_reset.counting'::text, true) IS DISTINCT FROM 'self'::text) EXECUTE FUNCTION token_reset_count_usage();
+CREATE TRIGGER user_tokens_count_update AFTER UPDATE ON user_tokens FOR EACH ROW WHEN (current_setting('token_reset.counting'::text, true) IS DISTINCT FROM 'self'::text AND (old.monthly_tokens_used <> new.monthly_tokens_used OR old.monthly_token_limit <> new.monthly_token_limit OR old.last_monthly_reset <> new.last_monthly_reset)) EXECUTE FUNCTION token_reset_count_usage();
 CREATE TRIGGER user_tokens_no_future_reset BEFORE INSERT ON user_tokens FOR EACH ROW WHEN (new.last_monthly_reset IS NULL OR new.last_monthly_reset > clock_timestamp()) EXECUTE FUNCTION check_and_reset_monthly_tokens();
 CREATE TRIGGER user_tokens_reset_on_write BEFORE UPDATE ON user_tokens FOR EACH ROW WHEN (old.last_monthly_reset < date_trunc('month'::text, now(), 'UTC'::text) AND new.last_monthly_reset = old.last_monthly_reset OR new.last_monthly_reset > clock_timestamp()) EXECUTE FUNCTION check_and_reset_monthly_tokens();
 

@@ -5,9 +5,9 @@
 --
 -- * near_limit_users / at_limit_users (per period, in the usage counters of 0005):
 --   users with usage who have used at least 80 % / 100 % of their limit.  The row
---   trigger already counts a user who starts or stops having usage or moves period;
---   it now also fires when a write crosses one of the two lines (at most a few times
---   a user a month), and the reset chain counts its own batch as before.
+--   trigger counts a user who starts or stops having usage, crosses one of the two
+--   lines or moves period; the reset chain counts its own batch as before, and now
+--   deduct_tokens counts its own write too (below: the hot path pays no trigger).
 -- * token_reset_refused_deductions: a sequence, stepped by deduct_tokens when it
 --   refuses a deduction for being over the allowance.  The refusal raises, which rolls
 --   back everything the transaction wrote; a sequence's step is the one thing that
@@ -85,13 +85,24 @@ END
 $$;
 
 -- One delta row per counted change: the row leaves its old period's counts and joins
--- its new period's.
+-- its new period's.  A write that changes none of the counted facts writes nothing.
 CREATE OR REPLACE FUNCTION public.token_reset_count_usage() RETURNS trigger
     LANGUAGE plpgsql
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
+    IF TG_OP = 'UPDATE'
+       AND public.token_reset_period_label(OLD.last_monthly_reset)
+           = public.token_reset_period_label(NEW.last_monthly_reset)
+       AND (OLD.monthly_tokens_used > 0) = (NEW.monthly_tokens_used > 0)
+       AND public.token_reset_limit_reached(OLD.monthly_tokens_used, OLD.monthly_token_limit, 80)
+           = public.token_reset_limit_reached(NEW.monthly_tokens_used, NEW.monthly_token_limit, 80)
+       AND public.token_reset_limit_reached(OLD.monthly_tokens_used, OLD.monthly_token_limit, 100)
+           = public.token_reset_limit_reached(NEW.monthly_tokens_used, NEW.monthly_token_limit, 100)
+    THEN
+        RETURN NULL;
+    END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         INSERT INTO public.token_reset_usage_deltas
                (period, users, active_users, near_limit_users, at_limit_users)
@@ -116,24 +127,20 @@ BEGIN
 END
 $$;
 
--- Fires when a row starts or stops having usage, crosses 80 % or 100 % of its limit
--- (a deduction or a limit change), or moves period; a deduction that crosses nothing
--- still pays only the comparisons.  The two lines are written out here, not as calls
--- of token_reset_limit_reached(): PostgreSQL does not inline a function in a trigger's
--- WHEN clause, and four calls made every deduction 40-60 % slower (bench.analytics_cost).
--- Without the function's "usage > 0" they can only fire more often, never less; the
--- random-traffic model test compares the counts with a full scan after every step.
+-- Fires on a write to a counted column by anyone but the writers that count their
+-- own (the reset chain, deduct_tokens: token_reset.counting = 'self').  Kept short on
+-- purpose: PostgreSQL rebuilds a trigger's WHEN clause for every statement, so its
+-- length is paid by every write, and a function call in it is not inlined (the lines
+-- as calls of token_reset_limit_reached() made every deduction 40-60 % slower;
+-- written out, 10 %).  The function above returns early when nothing counted moved.
 DROP TRIGGER user_tokens_count_update ON public.user_tokens;
 CREATE TRIGGER user_tokens_count_update
     AFTER UPDATE ON public.user_tokens
     FOR EACH ROW
-    WHEN (((OLD.monthly_tokens_used > 0) <> (NEW.monthly_tokens_used > 0)
-           OR OLD.last_monthly_reset <> NEW.last_monthly_reset
-           OR (OLD.monthly_tokens_used::bigint * 5 >= OLD.monthly_token_limit::bigint * 4)
-              <> (NEW.monthly_tokens_used::bigint * 5 >= NEW.monthly_token_limit::bigint * 4)
-           OR (OLD.monthly_tokens_used >= OLD.monthly_token_limit)
-              <> (NEW.monthly_tokens_used >= NEW.monthly_token_limit))
-          AND pg_catalog.current_setting('token_reset.counting', true) IS DISTINCT FROM 'self')
+    WHEN (pg_catalog.current_setting('token_reset.counting', true) IS DISTINCT FROM 'self'
+          AND (OLD.monthly_tokens_used <> NEW.monthly_tokens_used
+               OR OLD.monthly_token_limit <> NEW.monthly_token_limit
+               OR OLD.last_monthly_reset <> NEW.last_monthly_reset))
     EXECUTE FUNCTION public.token_reset_count_usage();
 
 -- The reset chain (0005) counts its own batch, now with the two lines.
@@ -205,7 +212,10 @@ BEGIN
 END
 $$;
 
--- deduct_tokens (0004) counts what it refuses for being over the allowance.
+-- deduct_tokens (0004) counts its own write, with the row trigger switched off around
+-- it (a deduction only adds usage, in the row's own period, so it can only start the
+-- user's usage or cross a line upwards: three comparisons instead of the trigger), and
+-- counts what it refuses for being over the allowance.
 CREATE OR REPLACE FUNCTION public.deduct_tokens(p_user_id uuid, p_amount bigint, p_feature text)
  RETURNS jsonb
     LANGUAGE plpgsql
@@ -225,6 +235,7 @@ BEGIN
         RAISE EXCEPTION 'user id must not be null' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     v_amount := public.token_reset_checked_amount(p_amount, false);
+    PERFORM set_config('token_reset.counting', 'self', true);
     -- Fast path: one statement takes the row lock, checks period and room, and adds.
     -- Written as limit - used so no sum can overflow integer.
     UPDATE public.user_tokens
@@ -253,10 +264,28 @@ BEGIN
                           'requested', v_amount,
                           'resets_at', public.token_reset_next_period_start())::text;
         END IF;
+        PERFORM set_config('token_reset.counting', 'self', true);  -- the reset cleared it
         UPDATE public.user_tokens
            SET monthly_tokens_used = monthly_tokens_used + v_amount, updated_at = now()
          WHERE user_id = p_user_id
         RETURNING monthly_tokens_used, monthly_token_limit, last_monthly_reset INTO v_used, v_limit, v_reset_at;
+    END IF;
+    PERFORM set_config('token_reset.counting', '', true);
+    IF v_used = v_amount
+       OR public.token_reset_limit_reached(v_used, v_limit, 80)
+          <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
+       OR public.token_reset_limit_reached(v_used, v_limit, 100)
+          <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 100) THEN
+        INSERT INTO public.token_reset_usage_deltas
+               (period, active_users, near_limit_users, at_limit_users)
+        VALUES (public.token_reset_period_label(v_reset_at),
+                CASE WHEN v_used = v_amount THEN 1 ELSE 0 END,
+                CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 80)
+                      AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
+                     THEN 1 ELSE 0 END,
+                CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 100)
+                      AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 100)
+                     THEN 1 ELSE 0 END);
     END IF;
     -- The period the usage belongs to: a transaction that began before midnight and
     -- writes to a row another transaction already reset counts in the new period.

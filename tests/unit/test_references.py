@@ -30,7 +30,7 @@ NOT_FILES = {
     "FILE.sql": "placeholder of bench's `--patch FILE.sql` usage",
     "NNNN_snake_case.sql": "the migrations' naming pattern",
     "script.sql": "the pgbench script bench/listener_lag.py writes at run time",
-    "migration.sql": "attribute access (Migration.sql) in listener/migrate.py",
+    "migration.sql": "attribute access (Migration.sql) in listener/migrate.py and bench",
     "self.sql": "attribute access in listener/sql.py",
     # Files tests/unit/test_sql_loader.py writes under its tmp_path.
     "0001_a.sql": "a loader test's temporary migration",
