@@ -29,15 +29,13 @@ from typing import Any
 import asyncpg
 
 from bench.common import (
-    add_sizes_option,
-    base_parser,
     bench_server,
-    chosen_sizes,
     fresh_copy,
     machine,
     print_table,
     publish,
     rotated,
+    sized_run_args,
     timed,
 )
 from bench.periodic_cost import median_seconds
@@ -230,11 +228,7 @@ def report(payload: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the analytics-cost benchmark; prints a table and writes the JSON results."""
-    parser = base_parser(__doc__, NAME)
-    add_sizes_option(parser)
-    args = parser.parse_args(argv)
-    sizes = chosen_sizes(args)
-    runs = args.repetitions or (2 if args.smoke else 5)
+    args, sizes, runs = sized_run_args(argv, __doc__, NAME)
     calls = 1_000 if args.smoke else 50_000
     payload = asyncio.run(run(sizes, runs, calls))
     return publish(payload, report, NAME, args)

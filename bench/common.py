@@ -427,6 +427,17 @@ def add_sizes_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def sized_run_args(
+    argv: Sequence[str] | None, doc: str | None, name: str
+) -> tuple[argparse.Namespace, list[int], int]:
+    """The arguments of a benchmark measured per size: (args, sizes, repetitions), the
+    repetitions 2 for a smoke run and 5 otherwise unless given."""
+    parser = base_parser(doc, name)
+    add_sizes_option(parser)
+    args = parser.parse_args(argv)
+    return args, chosen_sizes(args), args.repetitions or (2 if args.smoke else 5)
+
+
 def chosen_sizes(args: argparse.Namespace) -> list[int]:
     """The --sizes given, else the defaults for a full or a smoke run."""
     if args.sizes is not None:

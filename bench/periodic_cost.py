@@ -25,14 +25,12 @@ from typing import Any
 import asyncpg
 
 from bench.common import (
-    add_sizes_option,
-    base_parser,
     bench_server,
-    chosen_sizes,
     fresh_copy,
     machine,
     print_table,
     publish,
+    sized_run_args,
 )
 from listener.commands.status import gather_status
 from listener.migrate import apply_migrations
@@ -115,11 +113,7 @@ def report(payload: dict[str, Any]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the periodic-cost benchmark; prints a table and writes the JSON results."""
-    parser = base_parser(__doc__, NAME)
-    add_sizes_option(parser)
-    args = parser.parse_args(argv)
-    sizes = chosen_sizes(args)
-    runs = args.repetitions or (2 if args.smoke else 5)
+    args, sizes, runs = sized_run_args(argv, __doc__, NAME)
     payload = asyncio.run(run(sizes, runs))
     return publish(payload, report, NAME, args)
 

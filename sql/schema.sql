@@ -1180,13 +1180,7 @@ DECLARE
     v_target bigint;
     v_folded bigint := 0;
 BEGIN
-    -- Each statement below must see what committed before it (the horizon's promise
-    -- is about now, not about a snapshot taken earlier).
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'token_reset_fold_deductions() runs in READ COMMITTED, not %',
-                current_setting('transaction_isolation')
-            USING ERRCODE = 'invalid_transaction_state';
-    END IF;
+    PERFORM public.token_reset_require_read_committed('token_reset_fold_deductions()');
     IF p_max_ids IS NULL OR p_max_ids < 1 THEN
         RAISE EXCEPTION 'p_max_ids must be a positive integer, got %', p_max_ids
             USING ERRCODE = 'invalid_parameter_value';
@@ -1405,11 +1399,7 @@ DECLARE
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => p_wait_seconds);
     v_since text;
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'token_reset_recount_deductions() runs in READ COMMITTED, not %',
-                current_setting('transaction_isolation')
-            USING ERRCODE = 'invalid_transaction_state';
-    END IF;
+    PERFORM public.token_reset_require_read_committed('token_reset_recount_deductions()');
     IF p_periods IS NULL OR p_periods < 1 THEN
         RAISE EXCEPTION 'p_periods must be a positive integer, got %', p_periods
             USING ERRCODE = 'invalid_parameter_value';
@@ -1462,6 +1452,20 @@ BEGIN
       FULL JOIN (SELECT metadata ->> 'period' AS period, count(*) AS resets
                    FROM public.token_transactions WHERE operation = 'reset' GROUP BY 1) r
         ON r.period = u.period;
+END
+$function$;
+
+CREATE OR REPLACE FUNCTION public.token_reset_require_read_committed(p_what text)
+ RETURNS void
+ LANGUAGE plpgsql
+ SET search_path TO 'pg_catalog', 'pg_temp'
+AS $function$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '% runs in READ COMMITTED, not %', p_what,
+                current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
 END
 $function$;
 

@@ -80,6 +80,21 @@ WITH rows AS (
 SELECT coalesce(sum(deductions), 0)::bigint FROM found
 $$;
 
+-- The fold and the recount rely on each statement seeing what committed before it (the
+-- horizon's promise is about now, not about a snapshot taken earlier).
+CREATE FUNCTION public.token_reset_require_read_committed(p_what text) RETURNS void
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION '% runs in READ COMMITTED, not %', p_what,
+                current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+END
+$$;
+
 -- The fold the watchdog runs before it reads (the listener role's).  Returns the
 -- deductions folded.  At most p_max_ids ids a call, so a backlog after an outage is
 -- bounded work per check; a fold waits at most 2 s for the cursor (a recount holds it).
@@ -98,13 +113,7 @@ DECLARE
     v_target bigint;
     v_folded bigint := 0;
 BEGIN
-    -- Each statement below must see what committed before it (the horizon's promise
-    -- is about now, not about a snapshot taken earlier).
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'token_reset_fold_deductions() runs in READ COMMITTED, not %',
-                current_setting('transaction_isolation')
-            USING ERRCODE = 'invalid_transaction_state';
-    END IF;
+    PERFORM public.token_reset_require_read_committed('token_reset_fold_deductions()');
     IF p_max_ids IS NULL OR p_max_ids < 1 THEN
         RAISE EXCEPTION 'p_max_ids must be a positive integer, got %', p_max_ids
             USING ERRCODE = 'invalid_parameter_value';
@@ -168,11 +177,7 @@ DECLARE
     v_deadline timestamptz := clock_timestamp() + make_interval(secs => p_wait_seconds);
     v_since text;
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'token_reset_recount_deductions() runs in READ COMMITTED, not %',
-                current_setting('transaction_isolation')
-            USING ERRCODE = 'invalid_transaction_state';
-    END IF;
+    PERFORM public.token_reset_require_read_committed('token_reset_recount_deductions()');
     IF p_periods IS NULL OR p_periods < 1 THEN
         RAISE EXCEPTION 'p_periods must be a positive integer, got %', p_periods
             USING ERRCODE = 'invalid_parameter_value';

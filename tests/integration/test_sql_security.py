@@ -105,6 +105,7 @@ DECLARED_ROUTINES: dict[str, set[str]] = {
     "token_reset_erase_user(uuid)": set(),
     "token_reset_drop_periods(integer,boolean)": set(),
     "token_reset_add_deductions(bigint,bigint,text)": set(),
+    "token_reset_require_read_committed(text)": set(),
     "token_reset_recount_deductions(integer,double precision)": set(),
     "token_reset_limit_reached(integer,integer,integer)": set(),
 }
