@@ -29,9 +29,7 @@ from typing import Any
 import asyncpg
 
 from bench.common import (
-    bench_server,
-    fresh_copy,
-    machine,
+    per_size,
     print_table,
     publish,
     rotated,
@@ -186,16 +184,6 @@ async def measure(conn: asyncpg.Connection, users: int, runs: int, calls: int) -
     }
 
 
-async def run(sizes: Sequence[int], runs: int, calls: int) -> dict[str, Any]:
-    results = []
-    with bench_server() as server:
-        settings = await server.describe()
-        for users in sizes:
-            async with fresh_copy(server, None, "bench_analytics") as copy:
-                results.append(await measure(copy.conn, users, runs, calls))
-    return {"benchmark": NAME, "machine": machine(), "server": settings, "results": results}
-
-
 def report(payload: dict[str, Any]) -> None:
     rows = [
         [
@@ -230,7 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the analytics-cost benchmark; prints a table and writes the JSON results."""
     args, sizes, runs = sized_run_args(argv, __doc__, NAME)
     calls = 1_000 if args.smoke else 50_000
-    payload = asyncio.run(run(sizes, runs, calls))
+    payload = asyncio.run(
+        per_size(NAME, sizes, lambda conn, users: measure(conn, users, runs, calls))
+    )
     return publish(payload, report, NAME, args)
 
 

@@ -326,6 +326,22 @@ async def fresh_copy(server: BenchServer, template: str | None, prefix: str) -> 
             await conn.close()
 
 
+async def per_size(
+    name: str,
+    sizes: Sequence[int],
+    measure: Callable[[asyncpg.Connection, int], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Each size measured on a fresh database of one server: the payload of a per-size
+    benchmark (its name, the machine, the server's settings, a result per size)."""
+    results = []
+    with bench_server() as server:
+        settings = await server.describe()
+        for users in sizes:
+            async with fresh_copy(server, None, f"bench_{name}") as copy:
+                results.append({"users": users, **await measure(copy.conn, users)})
+    return {"benchmark": name, "machine": machine(), "server": settings, "results": results}
+
+
 def stale_users_sql(seed: str) -> str:
     """INSERT of $1 users with usage, last reset 40 days ago (so before the current
     period's start: each is stale), to load a benchmark's template with.

@@ -25,9 +25,7 @@ from typing import Any
 import asyncpg
 
 from bench.common import (
-    bench_server,
-    fresh_copy,
-    machine,
+    per_size,
     print_table,
     publish,
     sized_run_args,
@@ -81,17 +79,6 @@ async def measure(conn: asyncpg.Connection, users: int, runs: int) -> dict[str, 
     }
 
 
-async def run(sizes: Sequence[int], runs: int) -> dict[str, Any]:
-    results = []
-    with bench_server() as server:
-        settings = await server.describe()
-        for users in sizes:
-            async with fresh_copy(server, None, "bench_periodic") as copy:
-                figures = await measure(copy.conn, users, runs)
-            results.append({"users": users, **figures})
-    return {"benchmark": NAME, "machine": machine(), "server": settings, "results": results}
-
-
 def report(payload: dict[str, Any]) -> None:
     rows = [
         [
@@ -114,7 +101,7 @@ def report(payload: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the periodic-cost benchmark; prints a table and writes the JSON results."""
     args, sizes, runs = sized_run_args(argv, __doc__, NAME)
-    payload = asyncio.run(run(sizes, runs))
+    payload = asyncio.run(per_size(NAME, sizes, lambda conn, users: measure(conn, users, runs)))
     return publish(payload, report, NAME, args)
 
 

@@ -4,6 +4,7 @@ and every name the code asks for defined (a typo fails here, not in production).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,35 +39,34 @@ def test_migrations_are_numbered_one_to_n() -> None:
     assert versions == list(range(1, len(versions) + 1))
 
 
-def test_a_gap_or_a_twin_in_the_numbering_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def sql_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """An empty sql/ tree at tmp_path that the loaders read instead of the real one."""
     (tmp_path / "migrations").mkdir()
     (tmp_path / "queries").mkdir()
-    (tmp_path / "migrations" / "0001_a.sql").write_text("SELECT 1;")
-    (tmp_path / "migrations" / "0003_c.sql").write_text("SELECT 3;")
     monkeypatch.setattr(sql_module, "sql_root", lambda: tmp_path)
+    loaders = (sql_module.migrations, sql_module.queries)
+    for loader in loaders:
+        loader.cache_clear()
+    yield tmp_path
+    for loader in loaders:
+        loader.cache_clear()
+
+
+def test_a_gap_or_a_twin_in_the_numbering_is_refused(sql_tree: Path) -> None:
+    (sql_tree / "migrations" / "0001_a.sql").write_text("SELECT 1;")
+    (sql_tree / "migrations" / "0003_c.sql").write_text("SELECT 3;")
+    with pytest.raises(RuntimeError, match="without gaps"):
+        sql_module.migrations()
+    (sql_tree / "migrations" / "0003_c.sql").rename(sql_tree / "migrations" / "0002_b.sql")
+    (sql_tree / "migrations" / "0002_twin.sql").write_text("SELECT 2;")
     sql_module.migrations.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="without gaps"):
-            sql_module.migrations()
-        (tmp_path / "migrations" / "0003_c.sql").rename(tmp_path / "migrations" / "0002_b.sql")
-        (tmp_path / "migrations" / "0002_twin.sql").write_text("SELECT 2;")
-        sql_module.migrations.cache_clear()
-        with pytest.raises(RuntimeError, match="without gaps"):
-            sql_module.migrations()
-    finally:
-        sql_module.migrations.cache_clear()
+    with pytest.raises(RuntimeError, match="without gaps"):
+        sql_module.migrations()
 
 
-def test_a_query_defined_twice_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "queries").mkdir()
-    (tmp_path / "queries" / "a.sql").write_text("-- name: same\nSELECT 1\n")
-    (tmp_path / "queries" / "b.sql").write_text("-- name: same\nSELECT 2\n")
-    monkeypatch.setattr(sql_module, "sql_root", lambda: tmp_path)
-    sql_module.queries.cache_clear()
-    try:
-        with pytest.raises(RuntimeError, match="defined twice"):
-            sql_module.queries()
-    finally:
-        sql_module.queries.cache_clear()
+def test_a_query_defined_twice_is_refused(sql_tree: Path) -> None:
+    (sql_tree / "queries" / "a.sql").write_text("-- name: same\nSELECT 1\n")
+    (sql_tree / "queries" / "b.sql").write_text("-- name: same\nSELECT 2\n")
+    with pytest.raises(RuntimeError, match="defined twice"):
+        sql_module.queries()
