@@ -57,18 +57,24 @@ CREATE FUNCTION public.token_reset_add_deductions(
     LANGUAGE sql
     SET search_path = pg_catalog, pg_temp
 AS $$
-WITH rows AS (
-    SELECT CASE WHEN t.metadata ->> 'period' ~ '^[0-9]{4}-(0[1-9]|1[0-2])$'
-                THEN t.metadata ->> 'period' ELSE t.period END AS period,
-           left(coalesce(t.feature, '(none)'), 200) AS feature,
-           t.amount
+WITH raw AS (
+    -- Grouped by the row's own values first: the checks below then run once a group,
+    -- not once a row.
+    SELECT t.metadata ->> 'period' AS labelled, t.period AS partition_period, t.feature,
+           sum(t.amount) AS tokens, count(*) AS deductions
       FROM public.token_transactions t
      WHERE t.id > p_after AND t.id <= p_upto AND t.operation = 'deduct'
        AND t.period >= coalesce(to_char(to_date(p_since || '-01', 'YYYY-MM-DD')
                                         - interval '1 month', 'YYYY-MM'), '')
+     GROUP BY 1, 2, 3
+), keyed AS (
+    SELECT CASE WHEN labelled ~ '^[0-9]{4}-(0[1-9]|1[0-2])$' THEN labelled
+                ELSE partition_period END AS period,
+           left(coalesce(feature, '(none)'), 200) AS feature, tokens, deductions
+      FROM raw
 ), found AS (
-    SELECT period, feature, sum(amount) AS tokens, count(*) AS deductions
-      FROM rows
+    SELECT period, feature, sum(tokens) AS tokens, sum(deductions) AS deductions
+      FROM keyed
      WHERE period >= coalesce(p_since, '')
      GROUP BY 1, 2
 ), added AS (
