@@ -212,10 +212,10 @@ BEGIN
 END
 $$;
 
--- deduct_tokens (0004) counts its own write, with the row trigger switched off around
--- it (a deduction only adds usage, in the row's own period, so it can only start the
--- user's usage or cross a line upwards: three comparisons instead of the trigger), and
--- counts what it refuses for being over the allowance.
+-- deduct_tokens (0004) counts its own common write, with the row trigger switched off
+-- around it (on its fast path a deduction only adds usage, in the row's own period, so
+-- it can only start the user's usage or cross a line upwards: three comparisons instead
+-- of the trigger), and counts what it refuses for being over the allowance.
 CREATE OR REPLACE FUNCTION public.deduct_tokens(p_user_id uuid, p_amount bigint, p_feature text)
  RETURNS jsonb
     LANGUAGE plpgsql
@@ -230,22 +230,52 @@ DECLARE
     v_reset_at timestamptz;
     v_cleared integer;
     v_id bigint;
+    v_fast boolean;
 BEGIN
     IF p_user_id IS NULL THEN
         RAISE EXCEPTION 'user id must not be null' USING ERRCODE = 'null_value_not_allowed';
     END IF;
     v_amount := public.token_reset_checked_amount(p_amount, false);
-    PERFORM set_config('token_reset.counting', 'self', true);
     -- Fast path: one statement takes the row lock, checks period and room, and adds.
-    -- Written as limit - used so no sum can overflow integer.
+    -- Written as limit - used so no sum can overflow integer.  Only a row of this
+    -- period whose reset time is not in the future (the BEFORE trigger would move
+    -- it) takes it, so the write stays in the row's period and the count trigger can
+    -- be off: this function counts it below.
+    PERFORM set_config('token_reset.counting', 'self', true);
     UPDATE public.user_tokens
        SET monthly_tokens_used = monthly_tokens_used + v_amount, updated_at = now()
      WHERE user_id = p_user_id
        AND last_monthly_reset >= public.token_reset_period_bound()
+       AND last_monthly_reset <= clock_timestamp()
        AND v_amount <= monthly_token_limit - monthly_tokens_used
     RETURNING monthly_tokens_used, monthly_token_limit, last_monthly_reset INTO v_used, v_limit, v_reset_at;
-    IF NOT FOUND THEN
-        -- Slow path: stale (reset first), unknown, or over the allowance.
+    v_fast := FOUND;
+    PERFORM set_config('token_reset.counting', '', true);
+    IF v_fast THEN
+        -- A deduction only adds: it can start the user's usage or cross a line upwards.
+        IF v_used = v_amount
+           OR public.token_reset_limit_reached(v_used, v_limit, 80)
+              <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
+           OR public.token_reset_limit_reached(v_used, v_limit, 100)
+              <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 100) THEN
+            INSERT INTO public.token_reset_usage_deltas
+                   (period, active_users, near_limit_users, at_limit_users)
+            VALUES (public.token_reset_period_label(v_reset_at),
+                    CASE WHEN v_used = v_amount THEN 1 ELSE 0 END,
+                    CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 80)
+                          AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
+                         THEN 1 ELSE 0 END,
+                    CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 100)
+                          AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 100)
+                         THEN 1 ELSE 0 END);
+        END IF;
+    ELSE
+        -- Slow path: stale (reset first), unknown, over the allowance, or moved by
+        -- another transaction meanwhile; rare, so the row trigger counts it.  The row
+        -- is locked before the staleness check, so the check, the room and the write
+        -- all see the version this deduction writes over (another transaction may have
+        -- moved it back a period while this one waited).
+        PERFORM 1 FROM public.user_tokens WHERE user_id = p_user_id FOR NO KEY UPDATE;
         v_cleared := public.token_reset_one_user(p_user_id, 'function');
         SELECT * INTO v_row FROM public.user_tokens
          WHERE user_id = p_user_id FOR NO KEY UPDATE;
@@ -264,28 +294,10 @@ BEGIN
                           'requested', v_amount,
                           'resets_at', public.token_reset_next_period_start())::text;
         END IF;
-        PERFORM set_config('token_reset.counting', 'self', true);  -- the reset cleared it
         UPDATE public.user_tokens
            SET monthly_tokens_used = monthly_tokens_used + v_amount, updated_at = now()
          WHERE user_id = p_user_id
         RETURNING monthly_tokens_used, monthly_token_limit, last_monthly_reset INTO v_used, v_limit, v_reset_at;
-    END IF;
-    PERFORM set_config('token_reset.counting', '', true);
-    IF v_used = v_amount
-       OR public.token_reset_limit_reached(v_used, v_limit, 80)
-          <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
-       OR public.token_reset_limit_reached(v_used, v_limit, 100)
-          <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 100) THEN
-        INSERT INTO public.token_reset_usage_deltas
-               (period, active_users, near_limit_users, at_limit_users)
-        VALUES (public.token_reset_period_label(v_reset_at),
-                CASE WHEN v_used = v_amount THEN 1 ELSE 0 END,
-                CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 80)
-                      AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
-                     THEN 1 ELSE 0 END,
-                CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 100)
-                      AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 100)
-                     THEN 1 ELSE 0 END);
     END IF;
     -- The period the usage belongs to: a transaction that began before midnight and
     -- writes to a row another transaction already reset counts in the new period.

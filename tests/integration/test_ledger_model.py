@@ -72,7 +72,8 @@ WITH truth AS (
     SELECT token_reset_period_label(last_monthly_reset) AS period, count(*) AS users,
            count(*) FILTER (WHERE monthly_tokens_used > 0) AS active_users,
            count(*) FILTER (WHERE monthly_tokens_used > 0
-                              AND monthly_tokens_used * 10 >= monthly_token_limit * 8) AS near,
+                              AND monthly_tokens_used::bigint * 10
+                                  >= monthly_token_limit::bigint * 8) AS near,
            count(*) FILTER (WHERE monthly_tokens_used > 0
                               AND monthly_tokens_used >= monthly_token_limit) AS at_limit
       FROM user_tokens GROUP BY 1

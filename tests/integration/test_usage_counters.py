@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import anyio
 import asyncpg
 import pytest
 
@@ -17,6 +18,7 @@ from tests.integration.test_ledger_model import COUNTER_DRIFT
 from tests.support.env import settings_for
 from tests.support.metrics import sample
 from tests.support.users import add_stale_users, add_user
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -112,3 +114,82 @@ async def test_active_users_this_period_is_exported_and_equals_sql(
     )
     assert truth == 3
     assert sample(watchdog.metrics, "token_reset_period_active_users") == truth
+
+
+async def test_a_deduction_on_a_row_dated_in_the_future_is_counted_where_it_lands(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """A row loaded with a reset time ahead of the clock (a load with the triggers off, a
+    clock stepped back): the write pulls it back to now, into another period, and that
+    move must be counted (found by a review of deduct_tokens counting its own write)."""
+    user = uuid.uuid4()
+    await conn.execute("SET session_replication_role = replica")
+    await conn.execute(
+        "INSERT INTO user_tokens (user_id, monthly_token_limit, monthly_tokens_used,"
+        " last_monthly_reset) VALUES ($1, 100, 10, now() + interval '40 days')",
+        user,
+    )
+    await conn.execute("RESET session_replication_role")
+    await conn.execute("SELECT token_reset_recount_usage()")
+    async with login_role(conn, database_url, "token_reset_app") as url:
+        app = await asyncpg.connect(url)
+        try:
+            await app.fetchval("SELECT deduct_tokens($1, 5, 'f')", user)
+        finally:
+            await app.close()
+    await conn.fetchval("SELECT token_reset_compact_counters()")
+    assert await conn.fetch(COUNTER_DRIFT) == []
+
+
+async def test_a_deduction_waiting_on_a_row_another_transaction_moves_back_counts_the_move(
+    conn: asyncpg.Connection, database_url: str
+) -> None:
+    """The slow path waits for the row's lock while the owner moves the row back a period
+    and commits: the deduction must reset the row it then writes (not last period's
+    usage against this period's limit), and every count must follow."""
+    user = uuid.uuid4()
+    await conn.execute(
+        "INSERT INTO user_tokens (user_id, monthly_token_limit, monthly_tokens_used)"
+        " VALUES ($1, 100, 95)",
+        user,
+    )
+    mover = await asyncpg.connect(database_url)
+    try:
+        async with login_role(conn, database_url, "token_reset_app") as url:
+            app = await asyncpg.connect(url)
+            try:
+                moving = mover.transaction()
+                await moving.start()
+                await mover.execute(
+                    "UPDATE user_tokens SET last_monthly_reset = token_reset_period_start()"
+                    " - interval '5 days', monthly_tokens_used = 10 WHERE user_id = $1",
+                    user,
+                )
+                answers: list[str] = []
+                app_pid = await app.fetchval("SELECT pg_backend_pid()")
+
+                async def deduct() -> None:
+                    answers.append(await app.fetchval("SELECT deduct_tokens($1, 20, 'race')", user))
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(deduct)
+
+                    async def blocked() -> bool:
+                        return bool(
+                            await conn.fetchval(
+                                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity"
+                                " WHERE pid = $1",
+                                app_pid,
+                            )
+                        )
+
+                    await wait_until(blocked, what="the deduction waiting for the row")
+                    await moving.commit()
+            finally:
+                await app.close()
+    finally:
+        await mover.close()
+    answer = json.loads(answers[0])
+    assert (answer["used"], answer["reset"]) == (20, True)
+    await conn.fetchval("SELECT token_reset_compact_counters()")
+    assert await conn.fetch(COUNTER_DRIFT) == []
