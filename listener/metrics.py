@@ -260,8 +260,9 @@ class Metrics:
         exists, so the sum over features is never empty.
         """
         self.period_active_users.set(snapshot.active_users)
-        self.users_near_limit.labels(threshold="0.8").set(snapshot.near_limit_users)
-        self.users_near_limit.labels(threshold="1").set(snapshot.at_limit_users)
+        near = (snapshot.near_limit_users, snapshot.at_limit_users)
+        for threshold, users in zip(NEAR_LIMIT_THRESHOLDS, near, strict=True):
+            self.users_near_limit.labels(threshold=threshold).set(users)
         if snapshot.refused_deductions is not None:
             self.deductions_refused.set(snapshot.refused_deductions)
         self.period_tokens_deducted.clear()

@@ -91,38 +91,39 @@ CREATE OR REPLACE FUNCTION public.token_reset_count_usage() RETURNS trigger
     SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    -- Per row version: period label, has usage, at 80 %, at 100 % (NULL: no version).
+    o_period text;
+    o_active boolean;
+    o_near boolean;
+    o_at boolean;
+    n_period text;
+    n_active boolean;
+    n_near boolean;
+    n_at boolean;
 BEGIN
-    IF TG_OP = 'UPDATE'
-       AND public.token_reset_period_label(OLD.last_monthly_reset)
-           = public.token_reset_period_label(NEW.last_monthly_reset)
-       AND (OLD.monthly_tokens_used > 0) = (NEW.monthly_tokens_used > 0)
-       AND public.token_reset_limit_reached(OLD.monthly_tokens_used, OLD.monthly_token_limit, 80)
-           = public.token_reset_limit_reached(NEW.monthly_tokens_used, NEW.monthly_token_limit, 80)
-       AND public.token_reset_limit_reached(OLD.monthly_tokens_used, OLD.monthly_token_limit, 100)
-           = public.token_reset_limit_reached(NEW.monthly_tokens_used, NEW.monthly_token_limit, 100)
-    THEN
-        RETURN NULL;
-    END IF;
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        INSERT INTO public.token_reset_usage_deltas
-               (period, users, active_users, near_limit_users, at_limit_users)
-        VALUES (public.token_reset_period_label(OLD.last_monthly_reset), -1,
-                CASE WHEN OLD.monthly_tokens_used > 0 THEN -1 ELSE 0 END,
-                CASE WHEN public.token_reset_limit_reached(
-                         OLD.monthly_tokens_used, OLD.monthly_token_limit, 80) THEN -1 ELSE 0 END,
-                CASE WHEN public.token_reset_limit_reached(
-                         OLD.monthly_tokens_used, OLD.monthly_token_limit, 100) THEN -1 ELSE 0 END);
+        o_period := public.token_reset_period_label(OLD.last_monthly_reset);
+        o_active := OLD.monthly_tokens_used > 0;
+        o_near := public.token_reset_limit_reached(OLD.monthly_tokens_used, OLD.monthly_token_limit, 80);
+        o_at := public.token_reset_limit_reached(OLD.monthly_tokens_used, OLD.monthly_token_limit, 100);
     END IF;
     IF TG_OP IN ('UPDATE', 'INSERT') THEN
-        INSERT INTO public.token_reset_usage_deltas
-               (period, users, active_users, near_limit_users, at_limit_users)
-        VALUES (public.token_reset_period_label(NEW.last_monthly_reset), 1,
-                CASE WHEN NEW.monthly_tokens_used > 0 THEN 1 ELSE 0 END,
-                CASE WHEN public.token_reset_limit_reached(
-                         NEW.monthly_tokens_used, NEW.monthly_token_limit, 80) THEN 1 ELSE 0 END,
-                CASE WHEN public.token_reset_limit_reached(
-                         NEW.monthly_tokens_used, NEW.monthly_token_limit, 100) THEN 1 ELSE 0 END);
+        n_period := public.token_reset_period_label(NEW.last_monthly_reset);
+        n_active := NEW.monthly_tokens_used > 0;
+        n_near := public.token_reset_limit_reached(NEW.monthly_tokens_used, NEW.monthly_token_limit, 80);
+        n_at := public.token_reset_limit_reached(NEW.monthly_tokens_used, NEW.monthly_token_limit, 100);
     END IF;
+    IF (o_period, o_active, o_near, o_at) IS NOT DISTINCT FROM (n_period, n_active, n_near, n_at) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO public.token_reset_usage_deltas
+           (period, users, active_users, near_limit_users, at_limit_users)
+    SELECT v.period, v.sign, v.sign * v.active::integer, v.sign * v.near::integer,
+           v.sign * v.at_limit::integer
+      FROM (VALUES (o_period, -1, o_active, o_near, o_at),
+                   (n_period, 1, n_active, n_near, n_at)) AS v(period, sign, active, near, at_limit)
+     WHERE v.period IS NOT NULL;
     RETURN NULL;
 END
 $$;
@@ -231,6 +232,8 @@ DECLARE
     v_cleared integer;
     v_id bigint;
     v_fast boolean;
+    v_near boolean;   -- this deduction took the user to 80 % of the limit
+    v_at boolean;     -- ... to 100 %
 BEGIN
     IF p_user_id IS NULL THEN
         RAISE EXCEPTION 'user id must not be null' USING ERRCODE = 'null_value_not_allowed';
@@ -253,21 +256,15 @@ BEGIN
     PERFORM set_config('token_reset.counting', '', true);
     IF v_fast THEN
         -- A deduction only adds: it can start the user's usage or cross a line upwards.
-        IF v_used = v_amount
-           OR public.token_reset_limit_reached(v_used, v_limit, 80)
-              <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
-           OR public.token_reset_limit_reached(v_used, v_limit, 100)
-              <> public.token_reset_limit_reached(v_used - v_amount, v_limit, 100) THEN
+        v_near := public.token_reset_limit_reached(v_used, v_limit, 80)
+                  AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 80);
+        v_at := public.token_reset_limit_reached(v_used, v_limit, 100)
+                AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 100);
+        IF v_used = v_amount OR v_near OR v_at THEN
             INSERT INTO public.token_reset_usage_deltas
                    (period, active_users, near_limit_users, at_limit_users)
             VALUES (public.token_reset_period_label(v_reset_at),
-                    CASE WHEN v_used = v_amount THEN 1 ELSE 0 END,
-                    CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 80)
-                          AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 80)
-                         THEN 1 ELSE 0 END,
-                    CASE WHEN public.token_reset_limit_reached(v_used, v_limit, 100)
-                          AND NOT public.token_reset_limit_reached(v_used - v_amount, v_limit, 100)
-                         THEN 1 ELSE 0 END);
+                    CASE WHEN v_used = v_amount THEN 1 ELSE 0 END, v_near::integer, v_at::integer);
         END IF;
     ELSE
         -- Slow path: stale (reset first), unknown, over the allowance, or moved by

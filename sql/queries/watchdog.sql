@@ -21,11 +21,8 @@ SELECT public.token_reset_fold_deductions($1)
 -- Everything the watchdog judges, in one statement (one snapshot, one round trip).
 -- The period boundaries come from the database's clock and configured zone; how far
 -- into the period "now" is, the listener decides with its own (injectable) clock.
--- The period label is written out in the subquery that counts this period's resets
--- (not passed down from a CTE) so the planner estimates the row count from it: with a
--- real estimate it uses a bitmap scan instead of one random heap visit per row.  The
--- period start, an expression of several time-zone conversions, is a scalar subquery
--- wherever it filters rows, so it is computed once and not once per row.
+-- The usage counters are read in one pass: every count below is a FILTER over the
+-- view's rows (one per period), as in `status`.
 --   stale_users:  users still carrying a previous period's usage: the usage
 --                 counters (0005) of every period before this one, kept by the writes
 --                 themselves, so the cost does not grow with the number of users.
@@ -47,26 +44,22 @@ SELECT public.token_reset_fold_deductions($1)
 -- MATERIALIZED: the CASE reads the counts twice; without it they would be computed
 -- twice.
 WITH counts AS MATERIALIZED (
-    SELECT (SELECT coalesce(sum(c.active_users), 0)::bigint
-              FROM public.token_reset_usage c
-             WHERE c.period < public.token_reset_period_label(pg_catalog.now())) AS stale_users,
-           (SELECT coalesce(sum(c.resets), 0)::bigint
-              FROM public.token_reset_usage c
-             WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS month_resets,
-           (SELECT coalesce(sum(c.active_users), 0)::bigint
-              FROM public.token_reset_usage c
-             WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS active_users,
-           (SELECT coalesce(sum(c.near_limit_users), 0)::bigint
-              FROM public.token_reset_usage c
-             WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS near_limit_users,
-           (SELECT coalesce(sum(c.at_limit_users), 0)::bigint
-              FROM public.token_reset_usage c
-             WHERE c.period = public.token_reset_period_label(pg_catalog.now())) AS at_limit_users,
+    SELECT coalesce(sum(c.active_users) FILTER (WHERE c.period < p.label), 0)::bigint
+               AS stale_users,
+           coalesce(sum(c.resets) FILTER (WHERE c.period = p.label), 0)::bigint AS month_resets,
+           coalesce(sum(c.active_users) FILTER (WHERE c.period = p.label), 0)::bigint
+               AS active_users,
+           coalesce(sum(c.near_limit_users) FILTER (WHERE c.period = p.label), 0)::bigint
+               AS near_limit_users,
+           coalesce(sum(c.at_limit_users) FILTER (WHERE c.period = p.label), 0)::bigint
+               AS at_limit_users,
            (SELECT t.created_at
               FROM public.token_transactions t
              WHERE t.operation = 'reset'
              ORDER BY t.id DESC
              LIMIT 1) AS last_reset_at
+      FROM public.token_reset_usage c
+     CROSS JOIN (SELECT public.token_reset_period_label(pg_catalog.now()) AS label) p
 )
 SELECT pg_catalog.now() AS database_now,
        public.token_reset_period_start() AS period_start,
