@@ -102,8 +102,20 @@ def test_server(tmp_dir: Path) -> Iterator[TestServer]:
     if url:
         yield TestServer(admin_url=url)
         return
-    with embedded_server(tmp_dir / "pgdata", TEST_SERVER_SETTINGS, TestServer) as server:
-        yield server
+    # The embedded server speaks no TLS, so no connection of the session (the tests', the
+    # services' they start, their children's) asks it to: asyncpg's default
+    # sslmode=prefer sends an SSLRequest first, and a connect cancelled at the wrong
+    # instant of that exchange (a session torn down while its probe connection opens)
+    # leaves a future whose "unexpected connection_lost() call" nobody retrieves, which
+    # the test runner reports as a failure of whatever test is running.
+    ours = "PGSSLMODE" not in os.environ
+    os.environ.setdefault("PGSSLMODE", "disable")
+    try:
+        with embedded_server(tmp_dir / "pgdata", TEST_SERVER_SETTINGS, TestServer) as server:
+            yield server
+    finally:
+        if ours:
+            os.environ.pop("PGSSLMODE", None)
 
 
 @contextmanager
